@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Benchmarks: this bundle's components side by side with their baselines, reported as ratios.
+
+    python scripts/benchmark.py                    # every suite
+    python scripts/benchmark.py --suite network    # DS-HFN vs MONAI BasicUNet (issue 3)
+    python scripts/benchmark.py --suite metrics    # BF1/HD95 vs MONAI HausdorffDistanceMetric (issue 4)
+    python scripts/benchmark.py --device cuda --amp
+
+Results print as markdown tables (paste into docs/benchmarks.md) and, with --json, are saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bundle.bench import format_table  # noqa: E402
+
+SUITES = ["network", "metrics"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=SUITES, action="append", help="suite(s) to run (default: all)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU) where a suite supports it")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (median is reported)")
+    parser.add_argument("--quick", action="store_true", help="smaller inputs, for a smoke run")
+    parser.add_argument("--json", help="write all rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    all_rows: dict[str, list[dict]] = {}
+    for name in args.suite or SUITES:
+        suite = importlib.import_module(f"bundle.bench.{name}")
+        rows = suite.run(args)
+        all_rows[name] = rows
+        print(f"\n## {name} ({args.device}{', amp' if args.amp else ''})\n")
+        print(format_table(rows))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(all_rows, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""Shared pytest fixtures: paths to the read-only datasets in ../shared/data (skipped when absent)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHARED_DATA = Path(os.environ.get("DSHFN_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _dataset(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not (path / "meta.csv").is_file():
+        pytest.skip(f"{path} is absent: put ../shared beside the checkout (or set DSHFN_SHARED_DATA) to run this test")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tnbc_dir() -> Path:
+    """../shared/data/tnbc: 50 RGB 512x512 tiles with binary masks, group = patient."""
+    return _dataset("tnbc")
+
+
+@pytest.fixture(scope="session")
+def monuseg_dir() -> Path:
+    """../shared/data/monuseg: 30 RGB 1000x1000 tiles with uint16 instance labels, group = organ."""
+    return _dataset("monuseg")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
