@@ -1,0 +1,185 @@
+"""Ignite handlers the training config wires in: gradient clipping, model selection, early stopping and
+resumable, atomic checkpoints.
+
+MONAI's ``CheckpointSaver`` writes with ``atomic=False`` and ``EarlyStopHandler`` keeps no resumable
+state, and both would need the trainer inside the trainer's own handler list (a reference cycle in the
+config); these small handlers get the trainer from ``attach(engine)`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from monai.engines.utils import IterationEvents
+
+logger = logging.getLogger("bundle.handlers")
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the target folder, then rename: a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints should be readable like any other output
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class GradientClipHandler:
+    """Clip the global gradient norm between ``backward()`` and ``optimizer.step()`` (paper Table 2: 5.0).
+
+    Hooks MONAI's ``IterationEvents.BACKWARD_COMPLETED``; under AMP the gradients are unscaled first so the
+    threshold applies to true gradient norms.
+    """
+
+    def __init__(self, max_norm: float = 5.0, norm_type: float = 2.0) -> None:
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm, self.norm_type)
+
+
+class BestModelSaver:
+    """Save ``network.state_dict()`` (plain, atomically) whenever the evaluator's key metric reaches a new best.
+
+    Attach to the evaluator. MONAI's ``Workflow`` tracks ``state.best_metric``/``best_metric_epoch`` for the
+    key metric before other ``EPOCH_COMPLETED`` handlers run; this handler saves when the best is this
+    epoch's. :class:`ResumableCheckpoint` stores that best, so a resumed run keeps comparing against it.
+    """
+
+    def __init__(self, network: torch.nn.Module, save_path: str) -> None:
+        self.network = network
+        self.save_path = save_path
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.best_metric_epoch != engine.state.epoch:
+            return
+        net = self.network.module if hasattr(self.network, "module") else self.network  # unwrap DDP
+        atomic_torch_save(net.state_dict(), self.save_path)
+        logger.info(f"epoch {engine.state.epoch}: new best key metric {engine.state.best_metric:.4f}, saved {self.save_path}")
+
+
+class EarlyStopping:
+    """Stop training when the evaluator's key metric has not improved for ``patience`` epochs (paper: 15).
+
+    Attach to the trainer after the ``ValidationHandler``. Stateless: it reads the evaluator's
+    ``best_metric_epoch``, which :class:`ResumableCheckpoint` saves and restores.
+    """
+
+    def __init__(self, validator: Engine, patience: int = 15) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.validator = validator
+        self.patience = patience
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        best_epoch = getattr(self.validator.state, "best_metric_epoch", -1)
+        if best_epoch < 0:  # no validation yet
+            return
+        if engine.state.epoch - best_epoch >= self.patience:
+            logger.info(f"early stopping at epoch {engine.state.epoch}: best key metric was at epoch {best_epoch}")
+            engine.terminate()
+
+
+class _ValidatorBest:
+    """``state_dict`` view of a MONAI evaluator's best key metric (ignite's own state_dict omits it)."""
+
+    def __init__(self, validator: Engine) -> None:
+        self.validator = validator
+
+    def state_dict(self) -> dict:
+        return {"best_metric": float(self.validator.state.best_metric), "best_metric_epoch": int(self.validator.state.best_metric_epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.validator.state.best_metric = state["best_metric"]
+        self.validator.state.best_metric_epoch = state["best_metric_epoch"]
+
+
+class ResumableCheckpoint:
+    """Write everything a killed run needs to continue to one file every epoch, and reload it on start.
+
+    The file holds the trainer state (epoch, iteration), the AMP grad scaler when there is one, the
+    ``validator``'s best key metric and its epoch (what early stopping and model selection read), and every
+    object of ``save_dict`` (network, optimizer, lr scheduler...). It is
+    written atomically at ``EPOCH_COMPLETED`` (register it after validation and model selection so their
+    state is current). With ``resume=True`` and an existing file, ``STARTED`` restores it and training
+    continues from the saved epoch; ``resume=False`` starts fresh (and overwrites the file).
+    """
+
+    def __init__(
+        self,
+        save_path: str,
+        save_dict: dict[str, Any],
+        validator: Engine | None = None,
+        resume: bool = False,
+        map_location: str | None = "cpu",
+    ) -> None:
+        self.save_path = save_path
+        self.save_dict = dict(save_dict)
+        if validator is not None:
+            self.save_dict["validator_best"] = _ValidatorBest(validator)
+        self.resume = resume
+        self.map_location = map_location
+
+    def _objects(self, engine: Engine) -> dict[str, Any]:
+        objs = {"trainer": engine, **self.save_dict}
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None:
+            objs["scaler"] = scaler
+        for k, v in objs.items():
+            if hasattr(v, "module") and isinstance(v, torch.nn.Module):
+                objs[k] = v.module  # DDP: store plain weights
+        return objs
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def save(self, engine: Engine) -> None:
+        # every rank loads (so all resume together) but only rank 0 writes
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        atomic_torch_save({k: v.state_dict() for k, v in self._objects(engine).items()}, self.save_path)
+
+    def load(self, engine: Engine) -> None:
+        if not self.resume:
+            return
+        if not os.path.isfile(self.save_path):
+            logger.warning(f"resume requested but {self.save_path} does not exist: starting from epoch 0")
+            return
+        try:
+            ckpt = torch.load(self.save_path, map_location=self.map_location, weights_only=False)
+        except Exception as e:  # a truncated or foreign file: say which and what to do
+            raise RuntimeError(f"cannot read checkpoint {self.save_path} ({e}); delete it or set resume to false") from e
+        objs = {k: v for k, v in self._objects(engine).items() if k in ckpt}
+        max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=objs, checkpoint=ckpt)
+        if max_epochs is not None and engine.state.epoch > max_epochs:
+            raise ValueError(f"{self.save_path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}: raise max_epochs to continue")
+        engine.state.max_epochs = max_epochs
+        logger.info(f"resumed from {self.save_path} at epoch {engine.state.epoch}")

@@ -1,0 +1,320 @@
+"""Reading H&E tiles and label maps robustly, and writing PNG/text files atomically.
+
+Every reader returns one canonical form (``read_image``: (H, W, 3) uint8 RGB; ``read_label``: (H, W) int32)
+whatever the file holds, and every problem becomes one :class:`DataError` that names the file and says what to do.
+TIFF goes through ``tifffile`` (PIL mis-reads planar, multi-page and >8-bit TIFFs); everything else through PIL.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "DataError",
+    "TIFF_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "read_image",
+    "read_label",
+    "read_label_and_kind",
+    "label_kind",
+    "infer_label_kind",
+    "image_size",
+    "write_png_atomic",
+    "write_text_atomic",
+]
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+LabelKind = Literal["instance", "binary"]
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unreadable or has the wrong content; the message names the file and the fix."""
+
+
+def _fail(path: str | os.PathLike, problem: str, fix: str) -> DataError:
+    return DataError(f"{path}: {problem}. {fix}")
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise _fail(path, what, "Check the path, or re-create the dataset with scripts/prepare_data.py")
+
+
+def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, int | None, str | None]:
+    """Decode ``path`` into a numpy array without changing its values.
+
+    Returns ``(array, bits_per_sample, pil_mode)``: ``bits_per_sample`` is the declared bit depth when the
+    file states one that is smaller than the container (e.g. 12-bit data in a 16-bit TIFF), else ``None``;
+    ``pil_mode`` is the PIL mode for non-TIFF files (``None`` for TIFF).
+    """
+    path = Path(path)
+    _check_exists(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                if not tif.series:
+                    raise ValueError("no image data in the TIFF")
+                series = tif.series[0]
+                arr, axes = series.asarray(), series.axes
+                bits = getattr(tif.pages[0], "bitspersample", None)
+            arr = _tiff_to_yxs(arr, axes, path)
+            container = arr.dtype.itemsize * 8 if arr.dtype.kind in "ui" else None
+            bits = int(bits) if bits and container and int(bits) < container else None
+            return arr, bits, None
+        with Image.open(path) as im:
+            n_frames = getattr(im, "n_frames", 1)
+            if n_frames > 1:
+                raise _fail(path, f"holds {n_frames} frames (a stack), expected one 2D image",
+                            "Save each tile as its own single-frame file")
+            mode = im.mode
+            if mode == "P":
+                # palette -> RGB(A): keep transparency information if the palette has it
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            elif mode == "PA":
+                im = im.convert("RGBA")
+            elif mode == "1":
+                im = im.convert("L")
+            arr = np.asarray(im)
+            return arr, None, mode
+    except DataError:
+        raise
+    except Exception as exc:  # PIL/tifffile raise many types for corrupt or truncated files
+        raise _fail(path, f"cannot be decoded as an image ({type(exc).__name__}: {exc})",
+                    "The file is corrupt, truncated or not an image; re-download or re-export it") from exc
+
+
+def _tiff_to_yxs(arr: np.ndarray, axes: str, path: Path) -> np.ndarray:
+    """Reorder a tifffile array with axes such as ``"SYX"`` / ``"YXS"`` into (H, W[, C]); refuse stacks."""
+    extra = [(a, n) for a, n in zip(axes, arr.shape) if a not in "YXS" and n > 1]
+    if extra or "Y" not in axes or "X" not in axes:
+        raise _fail(path, f"has shape {arr.shape} (axes {axes!r}): a 3D stack, not a 2D image",
+                    "Save each tile as its own 2D image (H, W) or (H, W, 3)")
+    keep = [axes.index("Y"), axes.index("X")] + ([axes.index("S")] if "S" in axes else [])
+    drop = tuple(i for i in range(arr.ndim) if i not in keep)
+    arr = arr.squeeze(axis=drop) if drop else arr
+    order = sorted(keep)
+    return np.transpose(arr, [order.index(k) for k in keep])
+
+
+def _as_2d_planes(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Return ``arr`` as (H, W) or (H, W, C) with C in 1..4, refusing stacks and degenerate shapes."""
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4):
+        raise _fail(path, f"has shape {arr.shape}: a 3D stack, not a 2D image",
+                    "Save each tile as its own 2D image (H, W) or (H, W, 3)")
+    if arr.ndim not in (2, 3):
+        raise _fail(path, f"has shape {arr.shape}, expected a 2D image (H, W) or (H, W, 3)",
+                    "Save each tile as its own 2D image")
+    if arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise _fail(path, f"has shape {arr.shape}, which is not a 2D image (a side is shorter than 2 pixels)",
+                    "Check that the file holds an image tile, not a vector or a single pixel")
+    return arr
+
+
+def _to_uint8(arr: np.ndarray, bits: int | None, path: Path) -> np.ndarray:
+    """Scale integer data of any bit depth to uint8 by dropping the low bits; floats in [0, 1] are scaled by 255.
+
+    ``bits`` is the declared depth when it is smaller than the container (12-bit TIFF), so full-range
+    16-bit data maps by ``value >> 8`` and 12-bit data by ``value >> 4`` - a shift, not a min-max stretch,
+    so that the same pixel value always maps to the same output whatever else is in the tile.
+    """
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype.kind in "ui":
+        if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+            raise _fail(path, "has negative pixel values", "Export the image as unsigned 8- or 16-bit")
+        depth = bits or arr.dtype.itemsize * 8
+        if arr.dtype.kind == "i" and bits is None and arr.dtype.itemsize > 2:
+            # PIL opens 16-bit PNGs in mode "I" (int32) on some versions: infer 16-bit from the range
+            depth = 16 if arr.max(initial=0) < 2**16 else 32
+        shift = max(depth - 8, 0)
+        if arr.size and int(arr.max()) >= 2**depth:
+            raise _fail(path, f"has values above its declared {depth}-bit depth", "Re-export the image")
+        return (arr.astype(np.uint64) >> shift).astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if arr.size and (not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1):
+            raise _fail(path, "is a floating-point image with values outside [0, 1]",
+                        "Export it as 8-bit RGB (uint8) PNG or TIFF")
+        return np.round(arr * 255.0).astype(np.uint8)
+    raise _fail(path, f"has unsupported pixel type {arr.dtype}", "Export it as 8-bit RGB PNG or TIFF")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an H&E tile as (H, W, 3) uint8 RGB.
+
+    Conversions (values are never min-max stretched):
+    - grayscale (H, W) or (H, W, 1) -> the one channel replicated three times;
+    - palette -> RGB through the palette; mode ``"1"`` -> 0/255;
+    - RGBA / gray+alpha -> the alpha channel is dropped when it is all opaque (as in the TNBC release),
+      otherwise the colour is composited on a WHITE background (``rgb * a + 255 * (1 - a)``, rounded),
+      which is what a slide viewer shows for transparent pixels;
+    - 16-bit (or 12-bit declared in a TIFF) -> 8-bit by dropping the low bits (``value >> 8`` for full-range
+      16-bit); floats in [0, 1] -> ``round(255 * x)``.
+
+    Raises :class:`DataError` (naming the file) for a missing, corrupt or non-2D file (a 3D stack, 1xN).
+    """
+    path = Path(path)
+    arr, bits, _ = _read_raw(path)
+    arr = _as_2d_planes(arr, path)
+    arr = _to_uint8(arr, bits, path)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    c = arr.shape[-1]
+    if c in (2, 4):
+        colour, alpha = arr[..., :-1], arr[..., -1:]
+        if (alpha == 255).all():
+            arr = colour
+        else:
+            a = alpha.astype(np.float32) / 255.0
+            arr = np.round(colour.astype(np.float32) * a + 255.0 * (1.0 - a)).astype(np.uint8)
+        c -= 1
+    if c == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr)
+
+
+def infer_label_kind(raw: np.ndarray) -> LabelKind:
+    """``"binary"`` for a boolean or 8-bit map whose values are a subset of {0, 1} or {0, 255}, else ``"instance"``.
+
+    16/32-bit maps are always instance maps (an instance map with a single nucleus is also valid binary).
+    """
+    if raw.dtype == bool:
+        return "binary"
+    if raw.dtype == np.uint8:
+        values = np.unique(raw)
+        if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}:
+            return "binary"
+    return "instance"
+
+
+def _label_plane(raw: np.ndarray, path: Path) -> np.ndarray:
+    raw = _as_2d_planes(raw, path)
+    if raw.ndim == 3:
+        # RGB(A) label: acceptable only if it is a grey image stored as colour; an opaque or absent alpha
+        colour = raw[..., :3] if raw.shape[-1] >= 3 else raw[..., :1]
+        if raw.shape[-1] in (2, 4) and not (raw[..., -1] == raw[..., -1].flat[0]).all():
+            raise _fail(path, "is a label map with a varying alpha channel", "Save labels as single-channel PNG")
+        if not (colour == colour[..., :1]).all():
+            raise _fail(path, "is a colour label map (channels differ)",
+                        "Save labels as a single-channel uint16 instance map or a 0/255 binary mask")
+        raw = colour[..., 0]
+    if raw.dtype.kind == "f":
+        if not np.isfinite(raw).all() or (raw != np.round(raw)).any():
+            raise _fail(path, "is a floating-point label map with non-integer values",
+                        "Save labels as integer (uint16) instance maps or 0/255 masks")
+        raw = raw.astype(np.int64)
+    if raw.dtype.kind not in "uib":
+        raise _fail(path, f"has unsupported label type {raw.dtype}", "Save labels as uint16 or uint8 PNG")
+    if raw.size and raw.dtype != bool and (raw.min() < 0 or int(raw.max()) > np.iinfo(np.int32).max):
+        raise _fail(path, "has label values outside 0..2**31-1", "Labels must be 0 (background) or positive ids")
+    return raw
+
+
+def read_label_and_kind(
+    path: str | os.PathLike, kind: Literal["auto", "instance", "binary"] = "auto"
+) -> tuple[np.ndarray, LabelKind]:
+    """Read a label map as (H, W) int32 and say whether it is an ``"instance"`` or ``"binary"`` map.
+
+    ``kind="auto"`` decides with :func:`infer_label_kind`; ``"binary"`` maps any non-zero value to 1;
+    ``"instance"`` keeps the values as stored (0 = background, k > 0 = nucleus k).
+    Colour labels are accepted only when the three channels are identical.
+    """
+    if kind not in ("auto", "instance", "binary"):
+        raise ValueError(f"kind must be 'auto', 'instance' or 'binary', got {kind!r}")
+    path = Path(path)
+    raw, _, _ = _read_raw(path)
+    plane = _label_plane(raw, path)
+    resolved: LabelKind = infer_label_kind(plane) if kind == "auto" else kind
+    if resolved == "binary":
+        return (plane != 0).astype(np.int32), "binary"
+    return plane.astype(np.int32), "instance"
+
+
+def read_label(path: str | os.PathLike, kind: Literal["auto", "instance", "binary"] = "auto") -> np.ndarray:
+    """Read a label map as (H, W) int32: instance ids kept, binary masks (0/255, 0/1, mode 1) -> 0/1.
+
+    See :func:`read_label_and_kind` for the rules; use it (or :func:`label_kind`) to learn which kind it was.
+    """
+    return read_label_and_kind(path, kind)[0]
+
+
+def label_kind(path: str | os.PathLike) -> LabelKind:
+    """Whether the label file at ``path`` is an ``"instance"`` or a ``"binary"`` map (decodes the file)."""
+    return read_label_and_kind(path, "auto")[1]
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image file read from its header only (PIL / tifffile do not decode the pixels here)."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(tif.series[0].shape)
+                axes = tif.series[0].axes
+            if "Y" in axes and "X" in axes:
+                return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+            return int(shape[0]), int(shape[1])
+        with Image.open(path) as im:
+            w, h = im.size
+        return int(h), int(w)
+    except Exception as exc:
+        raise _fail(path, f"cannot be opened as an image ({type(exc).__name__}: {exc})",
+                    "The file is corrupt or not an image; re-download or re-export it") from exc
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 (H, W) / (H, W, 3) / (H, W, 4) or uint16 (H, W) array as PNG, atomically."""
+    path = Path(path)
+    array = np.asarray(array)
+    ok = (array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)))) or (
+        array.dtype == np.uint16 and array.ndim == 2
+    )
+    if not ok:
+        raise ValueError(
+            f"write_png_atomic({path}): expected uint8 (H,W)/(H,W,3)/(H,W,4) or uint16 (H,W), "
+            f"got {array.dtype} {array.shape}"
+        )
+    image = Image.fromarray(np.ascontiguousarray(array))
+    _atomic_write_bytes(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    path = Path(path)
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    _atomic_write_bytes(path, _write)
