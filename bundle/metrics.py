@@ -64,14 +64,15 @@ def mask_boundary(mask: torch.Tensor, connectivity: int = 1) -> torch.Tensor:
     return m & ~interior
 
 
-def _column_sq_distance(dst: torch.Tensor) -> torch.Tensor:
-    """Squared distance from each pixel of (G, H, W) to the nearest ``dst`` pixel in its own column (inf if none)."""
-    h = dst.shape[-2]
-    rows = torch.arange(h, device=dst.device, dtype=torch.float32).view(1, h, 1)
+def _row_sq_distance(dst: torch.Tensor) -> torch.Tensor:
+    """Squared distance from each pixel of (G, H, W) to the nearest ``dst`` pixel in its own row (inf if none)."""
+    w = dst.shape[-1]
+    cols = torch.arange(w, device=dst.device, dtype=torch.float32)
     inf = torch.tensor(float("inf"), device=dst.device)
-    above = torch.where(dst, rows, -inf).cummax(dim=1).values  # last feature row <= i
-    below = torch.where(dst, rows, inf).flip(1).cummin(dim=1).values.flip(1)  # first feature row >= i
-    d = torch.minimum(rows - above, below - rows)
+    # scans along the contiguous last axis (several times faster than along H on CPU)
+    before = torch.where(dst, cols, -inf).cummax(dim=-1).values  # last feature column <= j
+    after = torch.where(dst, cols, inf).flip(-1).cummin(dim=-1).values.flip(-1)  # first feature column >= j
+    d = torch.minimum(cols - before, after - cols)
     return d * d
 
 
@@ -85,27 +86,28 @@ def nearest_sq_distance(
     image's ``dst`` is empty).
 
     Written here rather than with ``scipy.ndimage.distance_transform_edt`` (host only) or ``torch.cdist``
-    (quadratic in boundary pixels): the separable exact EDT (Meijster et al. 2000) restricted to the query
-    pixels. A column pass gives each pixel's vertical distance ``g`` to the nearest ``dst`` pixel; the
-    row pass ``min_k (j - k)^2 + g(i, k)`` is searched over ``|j - k| <= window`` first, which is exact
-    wherever the result is ``<= (window + 1)^2`` (anything farther costs more); only the remaining
-    queries scan their whole row. With ``max_sq`` the caller only needs to know whether
-    ``sq_dist <= max_sq``: the window then suffices (``window >= sqrt(max_sq)`` is required) and
-    values above ``max_sq`` are left as found. One host sync (``nonzero``), two when rows are scanned.
+    (quadratic in boundary pixels): the separable exact EDT (Meijster et al. 2000) evaluated at the query
+    pixels only. A row pass gives every pixel's squared horizontal distance ``g`` to the nearest ``dst``
+    pixel; the column pass ``min_k (i - k)^2 + g(k, j)`` is searched over ``|i - k| <= window`` first,
+    which is exact wherever the result is ``<= (window + 1)^2`` (rows farther away cost more); only the
+    remaining queries scan their whole column. With ``max_sq`` the caller only needs to know whether
+    ``sq_dist <= max_sq``: the window then suffices (``window >= sqrt(max_sq)`` is required) and values
+    above ``max_sq`` are left as found. One host sync (``nonzero``), two when columns are scanned.
     """
     if src.shape != dst.shape or src.ndim != 3:
         raise ValueError(f"src and dst must be (G, H, W) of one shape, got {tuple(src.shape)} and {tuple(dst.shape)}")
     if max_sq is not None and (window + 1) ** 2 <= max_sq:
         raise ValueError(f"window={window} is too small to decide sq_dist <= {max_sq}: use window >= sqrt(max_sq)")
     _, h, w = src.shape
-    col = F.pad(_column_sq_distance(dst.bool()), (window, window), value=float("inf"))  # (G, H, W + 2 window)
-    row_len = w + 2 * window
-    flat = col.reshape(-1)
+    hp = h + 2 * window
+    g = F.pad(_row_sq_distance(dst.bool()), (0, 0, window, window), value=float("inf"))  # (G, H + 2 window, W)
+    flat = g.reshape(-1)
     idx = src.nonzero()  # host sync: the number of query pixels
     group, i, j = idx.unbind(1)
-    start = (group * h + i) * row_len + j  # index of column j - window in the padded row
+    start = (group * hp + i) * w + j  # pixel (i - window, j) of the padded image
     offs = torch.arange(2 * window + 1, device=src.device)
     step = (offs - window).float().pow(2)
+    offs = offs * w
     sq = torch.empty(idx.shape[0], device=src.device, dtype=torch.float32)
     chunk = max(1, _CHUNK_ELEMENTS // offs.numel())
     for a in range(0, idx.shape[0], chunk):
@@ -116,12 +118,13 @@ def nearest_sq_distance(
     has_dst = dst.reshape(dst.shape[0], -1).any(dim=1)
     redo = ((sq > (window + 1) ** 2) & has_dst[group]).nonzero().squeeze(1)
     if redo.numel():
-        cols = torch.arange(w, device=src.device)
-        chunk = max(1, _CHUNK_ELEMENTS // w)
+        rows = torch.arange(h, device=src.device)
+        g_t = g[:, window : window + h].transpose(1, 2)  # (G, W, H): whole columns
+        chunk = max(1, _CHUNK_ELEMENTS // h)
         for a in range(0, redo.numel(), chunk):
             q = redo[a : a + chunk]
-            rows = col.view(-1, row_len)[group[q] * h + i[q], window : window + w]
-            sq[q] = (rows + (cols - j[q, None]).float().pow(2)).amin(dim=1)
+            column = g_t[group[q], j[q]]  # (q, H)
+            sq[q] = (column + (rows - i[q, None]).float().pow(2)).amin(dim=1)
     return group, sq
 
 

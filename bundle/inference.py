@@ -1,0 +1,107 @@
+"""Inference on tiles of any size: which tiles to run, and bringing them to the scale the network was trained at.
+
+DS-HFN is trained on 40x tiles (about 0.25 um/px) resized by 0.5, i.e. about 0.5 um/px
+(:data:`MODEL_PIXEL_SIZE`). A tile of pixel size ``p`` is resized by ``p / MODEL_PIXEL_SIZE`` before the
+sliding-window network pass, and the prediction is resized back (MONAI ``Invertd``) to the tile's own size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.config import KeysCollection
+from monai.transforms import Resized
+
+from bundle.io import IMAGE_SUFFIXES, DataError
+
+logger = logging.getLogger(__name__)
+
+#: micrometres per pixel of the tiles the shipped network was trained on (40x TNBC/MoNuSeg tiles resized by 0.5)
+MODEL_PIXEL_SIZE = 0.5
+#: micrometres per pixel assumed for input tiles unless told otherwise (40x scanners: 0.23-0.26)
+DEFAULT_PIXEL_SIZE = 0.25
+
+
+def scale_factor(pixel_size: float, model_pixel_size: float = MODEL_PIXEL_SIZE) -> float:
+    """Resize factor that brings a tile of ``pixel_size`` um/px to the network's ``model_pixel_size``."""
+    if pixel_size <= 0 or model_pixel_size <= 0:
+        raise ValueError(f"pixel sizes must be positive (um/px), got pixel_size={pixel_size}, model_pixel_size={model_pixel_size}")
+    return pixel_size / model_pixel_size
+
+
+class ToModelScaled(Resized):
+    """Resize ``keys`` by ``pixel_size / model_pixel_size`` (anti-aliased bicubic by default); invertible.
+
+    A ``Resized`` whose output size follows each tile's own size, so MONAI's ``Invertd`` maps predictions
+    back to the tile's size exactly as it does for any ``Resized``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        pixel_size: float = DEFAULT_PIXEL_SIZE,
+        model_pixel_size: float = MODEL_PIXEL_SIZE,
+        mode: str | Sequence[str] = "bicubic",
+        anti_aliasing: bool | Sequence[bool] = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, spatial_size=(1, 1), mode=mode, anti_aliasing=anti_aliasing, allow_missing_keys=allow_missing_keys)
+        self.factor = scale_factor(pixel_size, model_pixel_size)
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
+        d = dict(data)
+        key = next(iter(self.key_iterator(d)))
+        h, w = d[key].shape[-2:]
+        # per call: each DataLoader worker owns its copy of the transform, so this is not shared state
+        self.resizer.spatial_size = (max(1, round(h * self.factor)), max(1, round(w * self.factor)))
+        return super().__call__(d, lazy=lazy)
+
+
+def find_tiles(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Tiles to process: a folder (its PNG/JPEG/TIFF files, sorted), one file, or a list of files."""
+    if isinstance(inputs, (str, os.PathLike)):
+        path = Path(inputs)
+        if path.is_dir():
+            tiles = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+            if not tiles:
+                raise DataError(f"{path}: no tiles ({', '.join(IMAGE_SUFFIXES)}) in this folder. Point --input_dir at a folder of H&E tiles")
+            return tiles
+        inputs = [path]
+    tiles = [Path(p) for p in inputs]
+    missing = [str(p) for p in tiles if not p.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: tile not found ({len(missing)} missing in all). Check the path")
+    return tiles
+
+
+def tile_id(path: str | os.PathLike) -> str:
+    """Output stem of a tile: its file name without the image suffix (``a.ome.tif`` -> ``a.ome``)."""
+    name = Path(path).name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def tile_datalist(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike | None = None,
+    done_suffix: str = "_mask.png",
+    skip_existing: bool = True,
+) -> list[dict[str, str]]:
+    """``[{"image": path}, ...]`` for the tiles of ``inputs``, leaving out those already done (resume).
+
+    A tile counts as done when ``<output_dir>/<tile id><done_suffix>`` exists: outputs are written
+    atomically, so a present file is a complete one.
+    """
+    tiles = find_tiles(inputs)
+    todo = tiles
+    if skip_existing and output_dir is not None:
+        todo = [t for t in tiles if not (Path(output_dir) / f"{tile_id(t)}{done_suffix}").is_file()]
+        if len(todo) < len(tiles):
+            logger.info(f"{len(tiles) - len(todo)} of {len(tiles)} tiles already have outputs in {output_dir}: skipped")
+    return [{"image": str(t)} for t in todo]

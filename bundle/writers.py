@@ -1,0 +1,178 @@
+"""Handlers that write what the workflows produce: per-tile prediction files, and per-image metric tables.
+
+Every file is written atomically (temp file + rename, :mod:`bundle.io`), so an interrupted run never
+leaves a half-written output that a resumed run would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from bundle.inference import tile_id
+from bundle.io import write_png_atomic, write_text_atomic
+from bundle.postprocessing import BOUNDARY, REGION
+
+logger = logging.getLogger(__name__)
+
+
+def _filename(item: dict, key: str = "image") -> str:
+    meta = getattr(item.get(key), "meta", None) or item.get(f"{key}_meta_dict") or {}
+    name = meta.get("filename_or_obj")
+    if name is None:
+        raise KeyError(f"no 'filename_or_obj' in the metadata of '{key}': load tiles with bundle.transforms.LoadTiled")
+    return str(name[0] if isinstance(name, (list, tuple)) else name)
+
+
+def _is_rank0() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def probability_to_uint8(prob: np.ndarray) -> np.ndarray:
+    """[0, 1] probabilities -> uint8 0..255 (rounded), the form image viewers open."""
+    return np.clip(np.rint(np.asarray(prob, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def write_nifti_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a channel-first (C, H, W) float map as NIfTI with MONAI's ``NibabelWriter`` (identity affine)."""
+    from monai.data import NibabelWriter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")  # keeps the .nii.gz suffix nibabel keys on
+    writer = NibabelWriter()
+    writer.set_data_array(np.moveaxis(np.asarray(array, np.float32), 0, -1)[:, :, None, :], channel_dim=-1)
+    writer.set_metadata({"affine": np.eye(4), "original_affine": np.eye(4)}, resample=False)
+    try:
+        writer.write(str(tmp), verbose=False)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class TileWriter:
+    """Write, per tile, ``<id>_mask.png`` (0/255), ``<id>_region.png`` and ``<id>_boundary.png`` (probability
+    x 255) and, with ``nifti=True``, ``<id>_pred.nii.gz`` (every output channel, float32).
+
+    Attach to the inference evaluator; reads the decollated ``engine.state.output`` items, whose ``pred`` is
+    DS-HFN's eval output (region, boundary, refined) already mapped back to the tile's size. The mask is
+    written last: its presence marks a finished tile (see :func:`bundle.inference.tile_datalist`).
+    """
+
+    def __init__(self, output_dir: str, threshold: float = 0.5, nifti: bool = False, mask_channel: int = REGION) -> None:
+        self.output_dir = Path(output_dir)
+        self.threshold = threshold
+        self.nifti = nifti
+        self.mask_channel = mask_channel
+        self.written = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self.summary)
+
+    def __call__(self, engine: Engine) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for item in outputs:
+            self.write(item)
+
+    def write(self, item: dict) -> dict[str, Path]:
+        stem = tile_id(_filename(item))
+        pred = item["pred"]
+        pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+        paths = {
+            "region": self.output_dir / f"{stem}_region.png",
+            "boundary": self.output_dir / f"{stem}_boundary.png",
+            "mask": self.output_dir / f"{stem}_mask.png",
+        }
+        write_png_atomic(paths["region"], probability_to_uint8(pred[REGION]))
+        write_png_atomic(paths["boundary"], probability_to_uint8(pred[BOUNDARY]))
+        if self.nifti:
+            paths["nifti"] = self.output_dir / f"{stem}_pred.nii.gz"
+            write_nifti_atomic(paths["nifti"], pred)
+        write_png_atomic(paths["mask"], ((pred[self.mask_channel] > self.threshold) * 255).astype(np.uint8))
+        self.written += 1
+        return paths
+
+    def summary(self, engine: Engine) -> None:
+        logger.info(f"wrote outputs of {self.written} tiles to {self.output_dir}")
+
+
+def _gather_strings(values: list[str]) -> list[str]:
+    """All ranks' strings in rank order (identity without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, values)
+    return [v for part in gathered for v in (part or [])]
+
+
+class MetricsTableWriter:
+    """Write per-image metrics to ``<output_dir>/metrics_per_image.csv`` and their mean, SD and count to
+    ``metrics_summary.json``.
+
+    Reads ``engine.state.metric_details`` (filled by MONAI metric handlers with ``save_details=True``; MONAI
+    gathers them across DDP ranks) and the tile file names of every iteration, gathered the same way, so one
+    process or several give the same table. Images whose metric is undefined (nan, e.g. HD of an empty mask)
+    are written as empty cells and left out of that metric's mean.
+    """
+
+    def __init__(self, output_dir: str, metrics: Sequence[str] | None = None, image_key: str = "image") -> None:
+        self.output_dir = Path(output_dir)
+        self.metrics = list(metrics) if metrics is not None else None
+        self.image_key = image_key
+        self._names: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self._names.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def _collect(self, engine: Engine) -> None:
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        self._names.extend(_filename(item, self.image_key) for item in outputs)
+
+    def table(self, engine: Engine) -> tuple[list[str], dict[str, np.ndarray]]:
+        names = _gather_strings(self._names)
+        details = engine.state.metric_details
+        keys = self.metrics if self.metrics is not None else list(details)
+        columns = {}
+        for k in keys:
+            v = details[k]
+            v = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            v = v.reshape(v.shape[0], -1)[:, 0].astype(np.float64)  # (images, channels) -> first channel
+            if len(v) != len(names):
+                raise RuntimeError(f"metric '{k}' has {len(v)} values for {len(names)} images")
+            columns[k] = v
+        return names, columns
+
+    def write(self, engine: Engine) -> None:
+        names, columns = self.table(engine)
+        if not _is_rank0():
+            return
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["id", "filename", *columns])
+        for i, name in enumerate(names):
+            w.writerow([tile_id(name), name, *("" if math.isnan(c[i]) else f"{c[i]:.6g}" for c in columns.values())])
+        write_text_atomic(self.output_dir / "metrics_per_image.csv", buf.getvalue())
+        summary: dict[str, Any] = {"n_images": len(names)}
+        for k, v in columns.items():
+            ok = v[~np.isnan(v)]
+            summary[k] = {
+                "mean": float(ok.mean()) if ok.size else None,
+                "sd": float(ok.std(ddof=1)) if ok.size > 1 else None,
+                "n": int(ok.size),
+            }
+        write_text_atomic(self.output_dir / "metrics_summary.json", json.dumps(summary, indent=2) + "\n")
+        logger.info("metrics: " + ", ".join(f"{k} {s['mean']:.4f} ± {s['sd'] or 0:.4f}" for k, s in summary.items() if isinstance(s, dict) and s["mean"] is not None))
