@@ -10,7 +10,7 @@ Standard layout (what ``scripts/prepare_data.py`` writes; ``/work/shared/data/{t
 Split protocol (grouped k-fold, default K=5, seed=42): each group (patient/organ) lies in exactly one fold.
 For fold k, ``test`` = fold k, ``val`` = fold (k+1) % K, ``train`` = the other K-2 folds, so validation is
 carved from training patients and never from the held-out fold. The split is computed once, written to a
-JSON file and then only read; a changed meta.csv is detected by its SHA-256 and refused.
+JSON file and then only read; a changed meta.csv is detected by a SHA-256 of its rows and refused.
 
 ``split`` column of meta.csv: rows with ``split == "test"`` (an official held-out set, e.g. the MoNuSeg test
 images) never enter the folds; ``part="holdout"`` returns them. ``part="all"`` returns every row.
@@ -24,10 +24,10 @@ import io
 import json
 import logging
 import os
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -44,6 +44,7 @@ __all__ = [
     "assign_folds",
     "make_splits",
     "load_or_create_splits",
+    "meta_hash",
     "fold_ids",
     "get_datalist",
     "ensure_dataset",
@@ -132,7 +133,9 @@ def read_meta(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
     if empty:
         raise DataError(f"{path}: malformed meta.csv, empty id or group on line(s) {_listing(empty)}. Fill them in")
     if dupes:
-        raise DataError(f"{path}: malformed meta.csv, duplicate id(s) {_listing(sorted(set(dupes)))}. Ids must be unique")
+        raise DataError(
+            f"{path}: malformed meta.csv, duplicate id(s) {_listing(sorted(set(dupes)))}. Ids must be unique"
+        )
     if not rows:
         raise DataError(f"{path}: meta.csv has a header but no rows. Add one row per image")
     return rows
@@ -291,8 +294,14 @@ def assign_folds(
     return [sorted(g for g in groups if fold_of[index[g]] == f) for f in range(n_folds)]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def meta_hash(dataset_dir: str | os.PathLike) -> str:
+    """SHA-256 of meta.csv's rows as ``id,group,split`` lines joined by LF, in file order.
+
+    Hashing the parsed rows rather than the bytes keeps a split valid across CRLF/LF, a BOM or stray spaces
+    (e.g. the TNBC folder built by :func:`ensure_dataset` and the shared copy hash alike).
+    """
+    rows = read_meta(dataset_dir)
+    return hashlib.sha256("\n".join(f"{r['id']},{r['group']},{r['split']}" for r in rows).encode()).hexdigest()
 
 
 def make_splits(dataset_dir: str | os.PathLike, n_folds: int = 5, seed: int = 42) -> dict[str, Any]:
@@ -326,8 +335,8 @@ def make_splits(dataset_dir: str | os.PathLike, n_folds: int = 5, seed: int = 42
         )
     return {
         "format_version": SPLIT_FORMAT_VERSION,
-        "dataset_dir": str(dataset_dir),
-        "meta_csv_sha256": _sha256(_meta_path(dataset_dir)),
+        "dataset": dataset_dir.name,  # informational only; the meta.csv hash is what is checked
+        "meta_csv_sha256": meta_hash(dataset_dir),
         "n_folds": n_folds,
         "seed": seed,
         "protocol": "fold k: test = folds[k], val = folds[(k+1) % n_folds], train = all other folds",
@@ -343,12 +352,17 @@ def default_split_file(dataset_dir: str | os.PathLike, n_folds: int = 5, seed: i
     return Path(dataset_dir).resolve() / f"splits_{n_folds}fold_seed{seed}.json"
 
 
+def _writable(folder: Path) -> bool:
+    """Writable for us AND not marked read-only by its mode bits (root passes ``os.access`` on r-x folders)."""
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
 def _resolve_split_file(dataset_dir: Path, split_file: str | os.PathLike | None, n_folds: int, seed: int) -> Path:
     if split_file is not None:
         path = Path(split_file)
         return path / default_split_file(dataset_dir, n_folds, seed).name if path.is_dir() else path
     path = default_split_file(dataset_dir, n_folds, seed)
-    if path.is_file() or os.access(dataset_dir, os.W_OK):
+    if path.is_file() or _writable(dataset_dir):
         return path
     raise DataError(
         f"{dataset_dir}: the dataset folder is read-only, so the split file cannot be written beside it. "
@@ -376,15 +390,15 @@ def load_or_create_splits(
         try:
             splits = json.loads(path.read_text(encoding="utf-8"))
             folds = splits["folds"]
-            meta_hash = splits["meta_csv_sha256"]
+            stored_hash = splits["meta_csv_sha256"]
             stored = (int(splits["n_folds"]), int(splits["seed"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(
                 f"{path}: not a valid split file ({type(exc).__name__}: {exc}). Delete or rename it to regenerate"
             ) from exc
-        if meta_hash != _sha256(_meta_path(dataset_dir)):
+        if stored_hash != meta_hash(dataset_dir):
             raise DataError(
-                f"{path}: was made from a different meta.csv than {_meta_path(dataset_dir)} (SHA-256 differs). "
+                f"{path}: was made from a different meta.csv than {_meta_path(dataset_dir)} (row hash differs). "
                 "meta.csv changed since the split was written; delete or rename the split file to make a new split "
                 "(results of runs on the old split are then not comparable)"
             )
@@ -466,10 +480,19 @@ def _find_tnbc_root(folder: Path) -> Path | None:
 
 
 def _fetch(url: str, archive: Path, hash_val: str | None, extract_dir: Path) -> None:
-    """Download ``url`` to ``archive`` and extract it with MONAI (urllib's ``urlretrieve`` also serves file://)."""
-    from monai.apps import download_and_extract
+    """Download ``url`` to ``archive`` and extract it into ``extract_dir`` with MONAI's downloader.
 
-    download_and_extract(url, filepath=archive, output_dir=extract_dir, hash_val=hash_val, hash_type="sha256")
+    ``monai.apps.download_and_extract`` first asks ``requests.head`` for the file name, which has no adapter
+    for ``file://``; for such URLs its two halves (``download_url``, whose ``urlretrieve`` does read file://,
+    and ``extractall``) are called directly - same hash check, same extraction.
+    """
+    from monai.apps import download_and_extract, download_url, extractall
+
+    if urlparse(url).scheme == "file":
+        download_url(url, filepath=archive, hash_val=hash_val, hash_type="sha256", progress=False)
+        extractall(archive, output_dir=extract_dir)
+    else:
+        download_and_extract(url, filepath=archive, output_dir=extract_dir, hash_val=hash_val, hash_type="sha256")
 
 
 def ensure_dataset(
@@ -504,9 +527,7 @@ def ensure_dataset(
     extract_dir = cache / "extracted"
     try:
         _fetch(url, archive, hash_val, extract_dir)
-    except DataError:
-        raise
-    except (OSError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # MONAI raises bare Exception, HashCheckError, URLError, BadZipFile, ...
         raise DataError(
             f"{url}: download or extraction into {cache} failed ({type(exc).__name__}: {exc}). Check the network "
             f"and the URL, delete a partial {archive} if present, or pass an existing dataset folder"

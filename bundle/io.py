@@ -2,13 +2,15 @@
 
 Every reader returns one canonical form (``read_image``: (H, W, 3) uint8 RGB; ``read_label``: (H, W) int32)
 whatever the file holds, and every problem becomes one :class:`DataError` that names the file and says what to do.
-TIFF goes through ``tifffile`` (PIL mis-reads planar, multi-page and >8-bit TIFFs); everything else through PIL.
+TIFF goes through ``tifffile`` (it handles planar, multi-page and >8-bit TIFFs that PIL mis-reads), with PIL as
+the fallback for codecs tifffile cannot decode without ``imagecodecs`` (LZW); everything else through PIL.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -49,50 +51,72 @@ def _check_exists(path: Path) -> None:
         raise _fail(path, what, "Check the path, or re-create the dataset with scripts/prepare_data.py")
 
 
+def _read_tiff(path: Path) -> tuple[np.ndarray, int | None]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise ValueError("no image data in the TIFF")
+        series = tif.series[0]
+        arr, axes = series.asarray(), series.axes
+        bits = getattr(tif.pages[0], "bitspersample", None)
+    arr = _tiff_to_yxs(arr, axes, path)
+    container = arr.dtype.itemsize * 8 if arr.dtype.kind in "ui" else None
+    return arr, (int(bits) if bits and container and int(bits) < container else None)
+
+
+def _read_pil(path: Path) -> tuple[np.ndarray, str]:
+    with Image.open(path) as im:
+        n_frames = getattr(im, "n_frames", 1)
+        if n_frames > 1:
+            raise _fail(path, f"holds {n_frames} frames (a stack), expected one 2D image",
+                        "Save each tile as its own single-frame file")
+        mode = im.mode
+        if mode == "P":
+            # palette -> RGB(A): keep transparency information if the palette has it
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        elif mode == "PA":
+            im = im.convert("RGBA")
+        elif mode == "1":
+            im = im.convert("L")
+        return np.asarray(im), mode
+
+
 def _read_raw(path: str | os.PathLike) -> tuple[np.ndarray, int | None, str | None]:
     """Decode ``path`` into a numpy array without changing its values.
 
     Returns ``(array, bits_per_sample, pil_mode)``: ``bits_per_sample`` is the declared bit depth when the
     file states one that is smaller than the container (e.g. 12-bit data in a 16-bit TIFF), else ``None``;
-    ``pil_mode`` is the PIL mode for non-TIFF files (``None`` for TIFF).
+    ``pil_mode`` is the PIL mode when PIL decoded the file, else ``None``.
+    TIFF goes to tifffile first; if it cannot decode (e.g. LZW - the MoNuSeg release's compression - needs the
+    optional ``imagecodecs`` package), PIL's libtiff decoder is tried before giving up.
     """
     path = Path(path)
     _check_exists(path)
-    try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                if not tif.series:
-                    raise ValueError("no image data in the TIFF")
-                series = tif.series[0]
-                arr, axes = series.asarray(), series.axes
-                bits = getattr(tif.pages[0], "bitspersample", None)
-            arr = _tiff_to_yxs(arr, axes, path)
-            container = arr.dtype.itemsize * 8 if arr.dtype.kind in "ui" else None
-            bits = int(bits) if bits and container and int(bits) < container else None
+    tiff_error: Exception | None = None
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        try:
+            arr, bits = _read_tiff(path)
             return arr, bits, None
-        with Image.open(path) as im:
-            n_frames = getattr(im, "n_frames", 1)
-            if n_frames > 1:
-                raise _fail(path, f"holds {n_frames} frames (a stack), expected one 2D image",
-                            "Save each tile as its own single-frame file")
-            mode = im.mode
-            if mode == "P":
-                # palette -> RGB(A): keep transparency information if the palette has it
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("RGB")
-            elif mode == "PA":
-                im = im.convert("RGBA")
-            elif mode == "1":
-                im = im.convert("L")
-            arr = np.asarray(im)
-            return arr, None, mode
+        except DataError:
+            raise
+        except Exception as exc:
+            tiff_error = exc
+    try:
+        with warnings.catch_warnings():
+            if tiff_error is not None:  # a TIFF tifffile rejected: PIL's complaints would only repeat it
+                warnings.simplefilter("ignore")
+            arr, mode = _read_pil(path)
+        return arr, None, mode
     except DataError:
         raise
     except Exception as exc:  # PIL/tifffile raise many types for corrupt or truncated files
-        raise _fail(path, f"cannot be decoded as an image ({type(exc).__name__}: {exc})",
+        why = f"{type(exc).__name__}: {exc}"
+        if tiff_error is not None:
+            why = f"tifffile: {type(tiff_error).__name__}: {tiff_error}; PIL: {why}"
+        raise _fail(path, f"cannot be decoded as an image ({why})",
                     "The file is corrupt, truncated or not an image; re-download or re-export it") from exc
 
 

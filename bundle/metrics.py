@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.handlers import IgniteMetricHandler
+from monai.handlers import ConfusionMatrix, IgniteMetricHandler
 from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric, DiceMetric, MeanIoU
 from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction
@@ -34,6 +34,8 @@ __all__ = [
     "HausdorffMetric",
     "BoundaryF1Handler",
     "HausdorffHandler",
+    "PixelPrecisionHandler",
+    "PixelRecallHandler",
     "segmentation_metrics",
     "MATLAB_BFSCORE_FRACTION",
 ]
@@ -64,16 +66,61 @@ def mask_boundary(mask: torch.Tensor, connectivity: int = 1) -> torch.Tensor:
     return m & ~interior
 
 
-def _row_sq_distance(dst: torch.Tensor) -> torch.Tensor:
-    """Squared distance from each pixel of (G, H, W) to the nearest ``dst`` pixel in its own row (inf if none)."""
+def _row_distance(dst: torch.Tensor, bits: int) -> torch.Tensor:
+    """Horizontal distance from each pixel of (G, H, W) to the nearest ``dst`` pixel of its row, capped.
+
+    Exact where it is ``< 2**bits``; elsewhere ``2**bits`` (a lower bound, also for rows without ``dst``).
+    ``bits`` symmetric doubling steps ``D(j) = min(D(j), D(j -+ s) + s)``, s = 1, 2, 4, ...: every offset
+    below ``2**bits`` is a sum of distinct steps of one sign, so its cost is found exactly, and no path
+    costs less than its displacement. Small integers in uint8 keep these dense passes cheap.
+    """
+    dtype = torch.uint8 if bits <= 7 else torch.int16  # values stay <= 2**bits + 2**(bits - 1)
+    cap = 1 << bits
+    d = (~dst).to(dtype) * cap
+    s = 1
+    while s < cap and s < dst.shape[-1]:
+        left, right = d[..., :-s] + s, d[..., s:] + s  # both from the previous step's d
+        torch.minimum(d[..., s:], left, out=d[..., s:])
+        torch.minimum(d[..., :-s], right, out=d[..., :-s])
+        s *= 2
+    return d
+
+
+def _row_exact_distance(dst: torch.Tensor) -> torch.Tensor:
+    """Exact horizontal distance (float32) to the nearest ``dst`` pixel of each row of (G, H, W); inf if none."""
     w = dst.shape[-1]
     cols = torch.arange(w, device=dst.device, dtype=torch.float32)
     inf = torch.tensor(float("inf"), device=dst.device)
-    # scans along the contiguous last axis (several times faster than along H on CPU)
     before = torch.where(dst, cols, -inf).cummax(dim=-1).values  # last feature column <= j
     after = torch.where(dst, cols, inf).flip(-1).cummin(dim=-1).values.flip(-1)  # first feature column >= j
-    d = torch.minimum(cols - before, after - cols)
-    return d * d
+    return torch.minimum(cols - before, after - cols)
+
+
+def _column_search(
+    row_dist: torch.Tensor, pad_value: float, group: torch.Tensor, i: torch.Tensor, j: torch.Tensor, window: int
+) -> torch.Tensor:
+    """``min over |t| <= window of t^2 + row_dist(i + t, j)^2`` (float32) for each query pixel.
+
+    Rows outside the image read ``pad_value`` (at least the row-distance cap, so they never decide a result).
+    Each query reads one strided row of ``2 window + 1`` values (a view, no index tensor per value);
+    only the gathered values are squared, in int16/int32 while they are small integers.
+    """
+    _, h, w = row_dist.shape
+    window = min(window, h - 1)
+    flat = F.pad(row_dist, (0, 0, window, window), value=pad_value).reshape(-1)
+    columns = flat.as_strided((flat.numel() - 2 * window * w, 2 * window + 1), (1, w))  # row p: p, p + w, ...
+    start = (group * (h + 2 * window) + i) * w + j  # pixel (i - window, j) of the padded image
+    if row_dist.is_floating_point():
+        dtype = torch.float32
+    else:
+        dtype = torch.int16 if pad_value**2 + window**2 < 1 << 15 else torch.int32
+    step = torch.arange(-window, window + 1, device=row_dist.device).pow(2).to(dtype)
+    out = torch.empty(group.shape[0], device=row_dist.device, dtype=dtype)
+    chunk = max(1, _CHUNK_ELEMENTS // step.numel())
+    for a in range(0, group.shape[0], chunk):
+        v = columns[start[a : a + chunk]].to(dtype)
+        out[a : a + chunk] = (v * v + step).amin(dim=1)
+    return out.float()
 
 
 def nearest_sq_distance(
@@ -83,52 +130,53 @@ def nearest_sq_distance(
 
     ``src`` and ``dst`` are bool (G, H, W). Returns ``(group, sq_dist)`` for the ``src`` pixels in
     ``src.nonzero()`` order: the image index of each and its squared distance (float32, ``inf`` when that
-    image's ``dst`` is empty).
+    image's ``dst`` is empty). With ``max_sq`` the caller only asks whether ``sq_dist <= max_sq``: that test
+    is exact, values above ``max_sq`` are lower bounds.
 
     Written here rather than with ``scipy.ndimage.distance_transform_edt`` (host only) or ``torch.cdist``
     (quadratic in boundary pixels): the separable exact EDT (Meijster et al. 2000) evaluated at the query
-    pixels only. A row pass gives every pixel's squared horizontal distance ``g`` to the nearest ``dst``
-    pixel; the column pass ``min_k (i - k)^2 + g(k, j)`` is searched over ``|i - k| <= window`` first,
-    which is exact wherever the result is ``<= (window + 1)^2`` (rows farther away cost more); only the
-    remaining queries scan their whole column. With ``max_sq`` the caller only needs to know whether
-    ``sq_dist <= max_sq``: the window then suffices (``window >= sqrt(max_sq)`` is required) and values
-    above ``max_sq`` are left as found. One host sync (``nonzero``), two when columns are scanned.
+    pixels only, in stages because nearly all boundary distances are a few pixels. A row pass gives each
+    pixel's horizontal distance ``D`` to ``dst`` (exact below a cap); the column pass
+    ``min_t t^2 + D(i + t, j)^2`` over ``|t| <= window`` is exact wherever the result is ``<= (window + 1)^2``
+    and below ``cap^2``; the few other queries are searched over ``|t| < 64``, then over whole columns of
+    the uncapped row pass. One host sync (``nonzero``) per stage, a few per call and none per image.
     """
     if src.shape != dst.shape or src.ndim != 3:
         raise ValueError(f"src and dst must be (G, H, W) of one shape, got {tuple(src.shape)} and {tuple(dst.shape)}")
-    if max_sq is not None and (window + 1) ** 2 <= max_sq:
-        raise ValueError(f"window={window} is too small to decide sq_dist <= {max_sq}: use window >= sqrt(max_sq)")
-    _, h, w = src.shape
-    hp = h + 2 * window
-    g = F.pad(_row_sq_distance(dst.bool()), (0, 0, window, window), value=float("inf"))  # (G, H + 2 window, W)
-    flat = g.reshape(-1)
+    if max(src.shape[-2:]) >= 1 << 14:
+        raise ValueError(f"images up to 16383 pixels a side are supported, got {tuple(src.shape[-2:])}")
+    dst = dst.bool()
     idx = src.nonzero()  # host sync: the number of query pixels
     group, i, j = idx.unbind(1)
-    start = (group * hp + i) * w + j  # pixel (i - window, j) of the padded image
-    offs = torch.arange(2 * window + 1, device=src.device)
-    step = (offs - window).float().pow(2)
-    offs = offs * w
-    sq = torch.empty(idx.shape[0], device=src.device, dtype=torch.float32)
-    chunk = max(1, _CHUNK_ELEMENTS // offs.numel())
-    for a in range(0, idx.shape[0], chunk):
-        sq[a : a + chunk] = (flat[start[a : a + chunk, None] + offs] + step).amin(dim=1)
+    if max_sq is not None:
+        window = int(math.isqrt(int(max_sq)))  # exact for the test: any pixel within sqrt(max_sq) is in the window
+    bits = max(1 if max_sq is not None else 6, window.bit_length())
+    cap = 1 << bits
+    row_dist = _row_distance(dst, bits)
+    sq = _column_search(row_dist, cap, group, i, j, window)
     if max_sq is not None:
         return group, sq
-    # Queries whose windowed minimum may be beaten from outside the window, in images that have targets.
-    has_dst = dst.reshape(dst.shape[0], -1).any(dim=1)
-    redo = ((sq > (window + 1) ** 2) & has_dst[group]).nonzero().squeeze(1)
+    has_dst = _any_per_image(dst)[group]
+    # Stage 2: queries not settled by the window; the capped row pass is exact below the cap.
+    redo = ((sq > (window + 1) ** 2) & has_dst).nonzero().squeeze(1)
     if redo.numel():
-        rows = torch.arange(h, device=src.device)
-        g_t = g[:, window : window + h].transpose(1, 2)  # (G, W, H): whole columns
-        chunk = max(1, _CHUNK_ELEMENTS // h)
-        for a in range(0, redo.numel(), chunk):
-            q = redo[a : a + chunk]
-            column = g_t[group[q], j[q]]  # (q, H)
-            sq[q] = (column + (rows - i[q, None]).float().pow(2)).amin(dim=1)
-    return group, sq
+        sq[redo] = _column_search(row_dist, cap, group[redo], i[redo], j[redo], cap - 1)
+        # Stage 3: the nearest target is cap or more away: uncapped row pass, whole columns.
+        redo = redo[sq[redo] >= cap * cap]
+        if redo.numel():
+            images, local = torch.unique(group[redo], return_inverse=True)  # only the images that need it
+            exact = _row_exact_distance(dst[images])
+            sq[redo] = _column_search(exact, float("inf"), local, i[redo], j[redo], src.shape[-2])
+    return group, torch.where(has_dst, sq, float("inf"))
+
+
+def _any_per_image(x: torch.Tensor) -> torch.Tensor:
+    """``x.flatten(1).any(1)`` for bool x, via a uint8 max (several times faster on CPU)."""
+    return x.reshape(x.shape[0], -1).view(torch.uint8).amax(dim=1).bool()
 
 
 def _binary(x: torch.Tensor, name: str) -> torch.Tensor:
+    x = x.as_tensor() if hasattr(x, "as_tensor") else x  # MetaTensor: skip meta tracking in the maths
     if x.ndim != 4:
         raise ValueError(f"{name} must be a batch-first 2-D mask (N, C, H, W), got shape {tuple(x.shape)}")
     return x.bool() if x.dtype == torch.bool else x > 0.5
@@ -226,9 +274,9 @@ class BoundaryF1Metric(_ReducedMetric):
         max_sq = math.floor(theta * theta)  # squared distances are integers
         bp, bg = mask_boundary(p, self.connectivity), mask_boundary(g, self.connectivity)
         # Both directions in one pass: images 0..k-1 query predicted boundaries, k..2k-1 ground-truth ones.
-        group, sq = nearest_sq_distance(torch.cat([bp, bg]), torch.cat([bg, bp]), window=int(math.floor(theta)), max_sq=max_sq)
+        group, sq = nearest_sq_distance(torch.cat([bp, bg]), torch.cat([bg, bp]), max_sq=max_sq)
         hits = torch.zeros(2 * k, device=p.device, dtype=torch.float32).index_add_(0, group, (sq <= max_sq).float())
-        counts = torch.cat([bp, bg]).flatten(1).sum(1).float()
+        counts = torch.bincount(group, minlength=2 * k).float()  # boundary pixels per image
         n_pred, n_gt = counts[:k], counts[k:]
         precision = torch.where(n_pred > 0, hits[:k] / n_pred.clamp(min=1), 0.0)
         recall = torch.where(n_gt > 0, hits[k:] / n_gt.clamp(min=1), 0.0)
@@ -263,7 +311,6 @@ class HausdorffMetric(_ReducedMetric):
             when there are several channels; a single channel is kept).
         reduction, get_not_nans: as in MONAI's metrics.
         warn_empty: warn when a call meets empty masks.
-        window: search half-width of :func:`nearest_sq_distance` (a speed knob; results are exact for any value).
 
     Inputs are binary (N, C, H, W) tensors (values > 0.5 are foreground); the output is (N, C) float32 in
     pixels on their device, computed batched with a few host syncs per call (none per sample).
@@ -277,7 +324,6 @@ class HausdorffMetric(_ReducedMetric):
         reduction: MetricReduction | str = MetricReduction.MEAN,
         get_not_nans: bool = False,
         warn_empty: bool = True,
-        window: int = 8,
     ) -> None:
         super().__init__(reduction, get_not_nans)
         if percentile is not None and not 0 < percentile <= 100:
@@ -286,7 +332,6 @@ class HausdorffMetric(_ReducedMetric):
         self.directed = directed
         self.include_background = include_background
         self.warn_empty = warn_empty
-        self.window = int(window)
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         if kwargs.get("spacing") is not None:
@@ -296,15 +341,15 @@ class HausdorffMetric(_ReducedMetric):
         k = p.shape[0]
         bp, bg = mask_boundary(p), mask_boundary(g)
         src, dst = (bp, bg) if self.directed else (torch.cat([bp, bg]), torch.cat([bg, bp]))
-        group, sq = nearest_sq_distance(src, dst, window=self.window)
+        group, sq = nearest_sq_distance(src, dst)
         per_dir = _group_reduce(group, sq.sqrt(), src.shape[0], self.percentile)
         hd = per_dir if self.directed else torch.maximum(per_dir[:k], per_dir[k:])
         # Empty masks: the values MONAI 1.6.1 gives (see the class docstring).
-        has_p, has_g = p.flatten(1).any(1), g.flatten(1).any(1)
+        has_p, has_g = _any_per_image(p), _any_per_image(g)
         one_empty = torch.tensor(float("inf") if self.percentile is None else float("nan"), device=hd.device)
         hd = torch.where(has_p & has_g, hd, torch.where(has_p | has_g, one_empty, float("nan")))
         if self.warn_empty:
-            n_empty_p, n_empty_g = (~has_p).sum().item(), (~has_g).sum().item()
+            n_empty_p, n_empty_g = torch.stack([(~has_p).sum(), (~has_g).sum()]).tolist()
             if n_empty_p or n_empty_g:
                 warnings.warn(
                     f"HausdorffMetric: {n_empty_g} of {k} ground-truth masks and {n_empty_p} of {k} predictions are "
@@ -395,6 +440,55 @@ class HausdorffHandler(IgniteMetricHandler):
             warn_empty=warn_empty,
         )
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
+
+
+class PixelPrecisionHandler(ConfusionMatrix):
+    """Ignite handler for pixel precision ``TP / (TP + FP)`` (eq. 31): MONAI ``ConfusionMatrix`` on binary masks.
+
+    ``compute_sample=True`` (default) averages per-image precision (an image with an empty prediction gives nan and
+    is skipped, MONAI's policy); ``False`` pools the pixels of all images first.
+    """
+
+    def __init__(
+        self,
+        compute_sample: bool = True,
+        include_background: bool = True,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        super().__init__(
+            include_background=include_background,
+            metric_name="precision",
+            compute_sample=compute_sample,
+            reduction=reduction,
+            output_transform=output_transform,
+            save_details=save_details,
+        )
+
+
+class PixelRecallHandler(ConfusionMatrix):
+    """Ignite handler for pixel recall ``TP / (TP + FN)`` (eq. 31); see :class:`PixelPrecisionHandler`.
+
+    Per image (default), an empty ground truth gives nan and is skipped.
+    """
+
+    def __init__(
+        self,
+        compute_sample: bool = True,
+        include_background: bool = True,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        super().__init__(
+            include_background=include_background,
+            metric_name="recall",
+            compute_sample=compute_sample,
+            reduction=reduction,
+            output_transform=output_transform,
+            save_details=save_details,
+        )
 
 
 def segmentation_metrics(

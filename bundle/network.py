@@ -93,7 +93,11 @@ class DeformableConv(nn.Module):
         nn.init.zeros_(self.offset.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x, self.offset(x))
+        offset = self.offset(x)
+        if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+            # torchvision has no reduced-precision CPU kernel (and autocasts to fp32 on CUDA anyway)
+            return self.conv(x.float(), offset.float()).to(x.dtype)
+        return self.conv(x, offset)
 
 
 class GlobalLevel(nn.Module):
@@ -426,6 +430,7 @@ class DSHFN(nn.Module):
         if dilation < 1:
             raise ValueError(f"DSHFN: dilation must be >= 1, got {dilation}")
 
+        self.in_channels = in_channels
         n_skips = int(math.log2(fusion_stride))
         self.n_skips = n_skips
         self.size_divisor = fusion_stride * 2 ** (levels - 1)
@@ -469,8 +474,11 @@ class DSHFN(nn.Module):
                 m.reset_offsets()  # undo He init: zero offsets = regular dilated grid at the start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"DSHFN expects input (N, C, H, W), got {x.dim()} dimensions")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"DSHFN expects input (N, {self.in_channels}, H, W), got shape {list(x.shape)}: "
+                "feed standardised grayscale tiles with a channel axis"
+            )
         h, w = x.shape[-2], x.shape[-1]
         if h % self.size_divisor != 0 or w % self.size_divisor != 0:
             raise ValueError(
@@ -508,3 +516,48 @@ class DSHFN(nn.Module):
         y_seg = torch.sigmoid(seg)
         y_edge = torch.sigmoid(edge)
         return torch.cat([y_seg, y_edge, refinement(y_seg, y_edge)], dim=1)
+
+
+def shape_summary(model: DSHFN, height: int = 256, width: int = 256, batch: int = 1) -> List[str]:
+    """Lines ``module: shape`` traced by running ``model`` (eval mode) on a (batch, C, height, width) input."""
+    lines: List[str] = []
+
+    def shape(t: object) -> str:
+        if isinstance(t, torch.Tensor):
+            return "x".join(str(s) for s in t.shape)
+        return "[" + ", ".join(shape(v) for v in t) + "]"  # type: ignore[union-attr]
+
+    def hook(name: str):
+        return lambda mod, inp, out: lines.append(f"{name:<46} {shape(out)}")
+
+    watched = {"streams.%d" % i: s for i, s in enumerate(model.streams)}
+    watched["fusion"] = model.fusion
+    for dec_name in ("segmentation_decoder", "boundary_decoder"):
+        dec = getattr(model, dec_name)
+        if dec is not None:
+            for i, stage in enumerate(dec.stages):
+                watched[f"{dec_name}.stages.{i}"] = stage
+            watched[f"{dec_name}.head"] = dec.head
+    handles = [m.register_forward_hook(hook(f"{n} ({type(m).__name__})")) for n, m in watched.items()]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(batch, model.in_channels, height, width))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return [f"{'input':<46} {batch}x{model.in_channels}x{height}x{width}"] + lines + [f"{'output (eval)':<46} {shape(out)}"]
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Print DS-HFN's tensor shapes for one input size.")
+    parser.add_argument("--size", type=int, default=256, help="input height = width")
+    parser.add_argument("--kwargs", default="{}", help='DSHFN constructor arguments as JSON, e.g. \'{"levels": 3}\'')
+    cli = parser.parse_args()
+    net = DSHFN(**json.loads(cli.kwargs))
+    print(f"DSHFN({cli.kwargs}): {sum(p.numel() for p in net.parameters())} parameters, size_divisor={net.size_divisor}")
+    print("\n".join(shape_summary(net, cli.size, cli.size)))

@@ -100,7 +100,7 @@ def _prepare_destination(dst: Path, overwrite: bool) -> None:
 
 def _write_meta(dst: Path, rows: Iterable[tuple[str, str, str]]) -> None:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf)  # csv's default CRLF, as in the shared copies
     writer.writerow(["id", "group", "split"])
     writer.writerows(rows)
     write_text_atomic(dst / "meta.csv", buf.getvalue())
