@@ -30,7 +30,7 @@ from scipy import ndimage
 from skimage.measure import approximate_polygon, regionprops_table
 from skimage.segmentation import find_boundaries
 
-from bundle.io import _atomic_write_bytes, write_png_atomic, write_text_atomic
+from bundle.io import atomic_write, write_png_atomic, write_text_atomic
 from bundle.visualize import PRED_RGB
 
 __all__ = [
@@ -364,7 +364,7 @@ def write_instance_map(path: str | os.PathLike, instances: np.ndarray) -> Path:
         import tifffile
 
         arr = inst.astype(np.uint16 if top <= np.iinfo(np.uint16).max else np.uint32)
-        _atomic_write_bytes(path, lambda tmp: tifffile.imwrite(tmp, arr, compression="zlib"))
+        atomic_write(path, lambda tmp: tifffile.imwrite(tmp, arr, compression="zlib"))
     else:
         raise ValueError(f"write_instance_map({path}): use a .png, .tif or .tiff file name")
     return path

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -18,23 +17,14 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.engines.utils import IterationEvents
 
+from bundle.io import atomic_write
+
 logger = logging.getLogger("bundle.handlers")
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file in the target folder, then rename: a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints should be readable like any other output
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class GradientClipHandler:

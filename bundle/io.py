@@ -303,18 +303,29 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
                     "The file is corrupt or not an image; re-download or re-export it") from exc
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path`` (atomic on POSIX)."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path`` (atomic on POSIX).
+
+    The temp name keeps ``path``'s suffix (writers that pick a format from it still work) and the file gets
+    the usual ``0o666 & ~umask`` mode rather than ``mkstemp``'s private 0600.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes[-2:]), dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_atomic_write_bytes = atomic_write  # older name, kept for callers
 
 
 def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> None:

@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from bundle.inference import tile_id
-from bundle.io import write_png_atomic, write_text_atomic
+from bundle.io import atomic_write, write_png_atomic, write_text_atomic
 from bundle.postprocessing import BOUNDARY, REGION
 
 logger = logging.getLogger(__name__)
@@ -47,18 +47,10 @@ def write_nifti_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a channel-first (C, H, W) float map as NIfTI with MONAI's ``NibabelWriter`` (identity affine)."""
     from monai.data import NibabelWriter
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp_{os.getpid()}_{path.name}")  # keeps the .nii.gz suffix nibabel keys on
     writer = NibabelWriter()
     writer.set_data_array(np.moveaxis(np.asarray(array, np.float32), 0, -1)[:, :, None, :], channel_dim=-1)
     writer.set_metadata({"affine": np.eye(4), "original_affine": np.eye(4)}, resample=False)
-    try:
-        writer.write(str(tmp), verbose=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: writer.write(tmp, verbose=False))
 
 
 class TileWriter:
