@@ -173,3 +173,18 @@ class ResumableCheckpoint:
             raise ValueError(f"{self.save_path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}: raise max_epochs to continue")
         engine.state.max_epochs = max_epochs
         logger.info(f"resumed from {self.save_path} at epoch {engine.state.epoch}")
+
+
+class LearningRateLogger:
+    """Put the optimizer's current learning rate into ``engine.state.metrics["lr"]`` each epoch, where MONAI's
+    ``StatsHandler``/``TensorBoardStatsHandler`` (registered after this) log it with the other scalars."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str = "lr") -> None:
+        self.optimizer = optimizer
+        self.name = name
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        engine.state.metrics[self.name] = float(self.optimizer.param_groups[0]["lr"])

@@ -37,6 +37,7 @@ __all__ = [
     "SegmentationDecoder",
     "SpatialAttention",
     "conv_bn_act",
+    "shape_summary",
 ]
 
 
