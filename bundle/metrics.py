@@ -45,6 +45,10 @@ MATLAB_BFSCORE_FRACTION = 0.0075
 
 # Upper bound on elements gathered at once by the distance search, to bound memory on large inputs.
 _CHUNK_ELEMENTS = 1 << 22
+# Distance search stages (speed only, results are exact): capped row pass exact below 2**_CAP_BITS pixels,
+# column windows widened through _WIDER_WINDOWS for the few queries the first window does not settle.
+_CAP_BITS = 7
+_WIDER_WINDOWS = (32,)
 
 
 def mask_boundary(mask: torch.Tensor, connectivity: int = 1) -> torch.Tensor:
@@ -149,24 +153,29 @@ def nearest_sq_distance(
     idx = src.nonzero()  # host sync: the number of query pixels
     group, i, j = idx.unbind(1)
     if max_sq is not None:
-        window = int(math.isqrt(int(max_sq)))  # exact for the test: any pixel within sqrt(max_sq) is in the window
-    bits = max(1 if max_sq is not None else 6, window.bit_length())
+        # Only "within sqrt(max_sq)?" is asked: one window of that size decides it exactly.
+        window = int(math.isqrt(int(max_sq)))
+        row_dist = _row_distance(dst, max(1, window.bit_length()))
+        return group, _column_search(row_dist, 1 << max(1, window.bit_length()), group, i, j, window)
+    bits = max(_CAP_BITS, window.bit_length())
     cap = 1 << bits
     row_dist = _row_distance(dst, bits)
-    sq = _column_search(row_dist, cap, group, i, j, window)
-    if max_sq is not None:
-        return group, sq
     has_dst = _any_per_image(dst)[group]
-    # Stage 2: queries not settled by the window; the capped row pass is exact below the cap.
-    redo = ((sq > (window + 1) ** 2) & has_dst).nonzero().squeeze(1)
+    sq = _column_search(row_dist, cap, group, i, j, window)
+    # A windowed result r is exact when nothing outside the window can beat it, r <= (window + 1)^2, and it
+    # comes from an exact (below the cap) row distance, r < cap^2. Widen the window for the other queries ...
+    settled = lambda win: min((win + 1) ** 2, cap * cap - 1)  # noqa: E731
+    redo = ((sq > settled(window)) & has_dst).nonzero().squeeze(1)
+    for wide in [w for w in _WIDER_WINDOWS if window < w < cap] + [cap - 1]:
+        if not redo.numel():
+            break
+        sq[redo] = _column_search(row_dist, cap, group[redo], i[redo], j[redo], wide)
+        redo = redo[sq[redo] > settled(wide)]
+    # ... and for a nearest target ``cap`` or more away, the uncapped row pass and whole columns.
     if redo.numel():
-        sq[redo] = _column_search(row_dist, cap, group[redo], i[redo], j[redo], cap - 1)
-        # Stage 3: the nearest target is cap or more away: uncapped row pass, whole columns.
-        redo = redo[sq[redo] >= cap * cap]
-        if redo.numel():
-            images, local = torch.unique(group[redo], return_inverse=True)  # only the images that need it
-            exact = _row_exact_distance(dst[images])
-            sq[redo] = _column_search(exact, float("inf"), local, i[redo], j[redo], src.shape[-2])
+        images, local = torch.unique(group[redo], return_inverse=True)  # only the images that need it
+        exact = _row_exact_distance(dst[images])
+        sq[redo] = _column_search(exact, float("inf"), local, i[redo], j[redo], src.shape[-2])
     return group, torch.where(has_dst, sq, float("inf"))
 
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Package this bundle as a zip for ``monai.bundle.download(url=...)`` and ``monai.bundle.load``.
+
+    python scripts/make_bundle_zip.py --out dist/dshfn_nuclei_segmentation.zip
+
+Then, in any project:
+
+    monai.bundle.download(url="file:///path/to/dshfn_nuclei_segmentation.zip", bundle_dir="bundles")
+    net = monai.bundle.load("dshfn_nuclei_segmentation", bundle_dir="bundles", source="github")
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bundle.packaging import BUNDLE_NAME, build_bundle_zip  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--root", default=root, help="bundle root (default: this checkout)")
+    p.add_argument("--out", default=os.path.join(root, "dist", f"{BUNDLE_NAME}.zip"), help="zip to write")
+    p.add_argument("--name", default=BUNDLE_NAME, help="bundle folder name inside the zip")
+    args = p.parse_args(argv)
+    build_bundle_zip(args.root, args.out, args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The bundle's workflows through the real CLI (``python -m monai.bundle run ...``) on real TNBC tiles.
+
+One small training run (9 tiles of 5 patients, 2 epochs) is shared by the module: evaluation, inference,
+DDP evaluation and the kill-and-resume test all build on its outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+COMMON = ["--num_workers", "0", "--batch_size", "3", "--val_batch_size", "2"]
+
+pytestmark = pytest.mark.slow
+
+
+def bundle_cmd(run_id: str, configs: list[str], *overrides: str) -> list[str]:
+    files = [str(ROOT / "configs" / c) for c in configs]
+    cfg = files[0] if len(files) == 1 else "[" + ",".join(repr(f) for f in files) + "]"
+    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", cfg, *overrides]
+
+
+def run(cmd: list[str], timeout: int = 600) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(cmd)}\n{out[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tnbc_dir, tmp_path_factory) -> Path:
+    """9 TNBC tiles of 5 patients (1 + 2 x 4) in the standard layout, in a temp dir."""
+    dst = tmp_path_factory.mktemp("tnbc_small")
+    rows = list(csv.DictReader(open(tnbc_dir / "meta.csv")))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    chosen = []
+    for i, g in enumerate(sorted(groups)[:5]):
+        chosen += groups[g][: 1 if i == 0 else 2]
+    for sub in ("images", "masks"):
+        (dst / sub).mkdir()
+        for r in chosen:
+            os.symlink(tnbc_dir / sub / f"{r['id']}.png", dst / sub / f"{r['id']}.png")
+    with open(dst / "meta.csv", "w") as f:
+        f.write("id,group,split\n" + "".join(f"{r['id']},{r['group']},all\n" for r in chosen))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def trained(small_dataset, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("run")
+    args = ["--dataset_dir", str(small_dataset), "--output_dir", str(out), "--split_file", str(out / "splits.json")]
+    log = run(bundle_cmd("training", ["train.json"], *args, "--max_epochs", "2", *COMMON))
+    return {"out": out, "args": args, "log": log}
+
+
+def test_training_writes_weights_checkpoint_logs_and_metrics(trained):
+    out, log = trained["out"], trained["log"]
+    sd = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())  # plain state_dict
+    ckpt = torch.load(out / "models" / "checkpoint.pt", weights_only=False)
+    assert {"trainer", "network", "optimizer", "lr_scheduler", "validator_best"} <= set(ckpt)
+    assert ckpt["trainer"]["iteration"] == 2 * 2  # 2 epochs x ceil(6 train tiles / batch 3)
+    assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert "val_mean_dice" in log and "val_bf1" in log and "val_hd95" in log
+    assert "loss_glga" in log and "lr" in log  # loss terms and learning rate logged per epoch
+    assert not list(out.rglob(".*.tmp*")), "a temp file was left behind"
+    splits = json.loads((out / "splits.json").read_text())
+    assert len(splits["folds"]) == 5
+
+
+def test_default_run_id_also_trains(small_dataset, tmp_path):
+    """``monai.bundle run`` with no run id executes the same training (``run``) as ``run training``."""
+    cmd = bundle_cmd("training", ["train.json"])
+    cmd.remove("training")
+    log = run(cmd + ["--dataset_dir", str(small_dataset), "--output_dir", str(tmp_path), "--split_file",
+                     str(tmp_path / "s.json"), "--max_epochs", "1", *COMMON])
+    assert (tmp_path / "models" / "model.pt").is_file() and "Epoch[1] Complete" in log
+
+
+def test_evaluate_merged_after_train_writes_tables(trained):
+    out = trained["out"]
+    for res in ("paper", "native"):
+        log = run(bundle_cmd("evaluating", ["train.json", "evaluate.json"], *trained["args"], "--num_workers", "0",
+                             "--eval_resolution", res))
+        d = out / "eval" / f"fold0_test_{res}"
+        rows = list(csv.DictReader(open(d / "metrics_per_image.csv")))
+        summary = json.loads((d / "metrics_summary.json").read_text())
+        assert len(rows) == summary["n_images"] == 2  # fold 0's test patient has 2 tiles
+        for k in ("dice", "iou", "precision", "recall", "bf1", "bf1_diag", "hd", "hd95"):
+            assert k in summary and k in rows[0], k
+        for k in ("dice", "iou", "precision", "recall", "bf1"):
+            vals = [float(r[k]) for r in rows if r[k]]
+            assert all(0.0 <= v <= 1.0 for v in vals), (k, vals)
+            assert summary[k]["mean"] == pytest.approx(np.mean(vals))
+        assert "Restored all variables" in log
+
+
+def test_inference_folder_any_size_and_resume(trained, tnbc_dir, monuseg_dir, tmp_path):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    Image.open(tnbc_dir / "images" / "01_1.png").save(tiles / "a.png")
+    mono = sorted((monuseg_dir / "images").glob("*.png"))[0]
+    Image.open(mono).crop((0, 0, 500, 300)).save(tiles / "b.tif")  # odd size, TIFF
+    outdir = tmp_path / "pred"
+    args = ["--input_dir", str(tiles), "--output_dir", str(outdir), "--ckpt_path",
+            str(trained["out"] / "models" / "model.pt"), "--num_workers", "0"]
+    run(bundle_cmd("inference", ["inference.json"], *args, "--nifti", "true"))
+    for stem, (w, h) in (("a", (512, 512)), ("b", (500, 300))):
+        for kind in ("mask", "region", "boundary"):
+            im = Image.open(outdir / f"{stem}_{kind}.png")
+            assert im.size == (w, h) and im.mode == "L", (stem, kind, im.size)
+        assert set(np.unique(np.asarray(Image.open(outdir / f"{stem}_mask.png")))) <= {0, 255}
+        assert (outdir / f"{stem}_pred.nii.gz").is_file()
+    # a second run skips finished tiles and leaves their files untouched
+    before = (outdir / "a_mask.png").stat().st_mtime_ns
+    log = run(bundle_cmd("inference", ["inference.json"], *args))
+    assert "2 of 2 tiles already have outputs" in log
+    assert (outdir / "a_mask.png").stat().st_mtime_ns == before
+
+
+def test_killed_run_resumes_from_saved_epoch(small_dataset, tmp_path):
+    args = ["--dataset_dir", str(small_dataset), "--output_dir", str(tmp_path), "--split_file",
+            str(tmp_path / "s.json"), *COMMON]
+    ckpt = tmp_path / "models" / "checkpoint.pt"
+    proc = subprocess.Popen(bundle_cmd("training", ["train.json"], *args, "--max_epochs", "20"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert ckpt.is_file(), "no checkpoint appeared"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9: no chance to clean up
+        proc.wait()
+    saved_epoch = torch.load(ckpt, weights_only=False)["trainer"]["iteration"] // 2
+    assert saved_epoch >= 1
+    log = run(bundle_cmd("training", ["train.json"], *args, "--max_epochs", str(saved_epoch + 1), "--resume", "true"))
+    assert f"resumed from {ckpt} at epoch {saved_epoch}" in log
+    assert f"Epoch: {saved_epoch + 1}/{saved_epoch + 1}" in log and "Epoch: 1/" not in log
+    assert torch.load(ckpt, weights_only=False)["trainer"]["iteration"] == 2 * (saved_epoch + 1)
+
+
+def test_ddp_evaluation_matches_single_process(trained):
+    """2 CPU processes (gloo) under torchrun give the same per-image metrics as one process."""
+    out = trained["out"]
+    single = bundle_cmd("evaluating", ["train.json", "evaluate.json"], *trained["args"], "--num_workers", "0",
+                        "--eval_part", "all", "--eval_dir", str(out / "eval_single"))
+    run(single)
+    multi = bundle_cmd("evaluating", ["train.json", "evaluate.json", "multi_gpu_evaluate.json"], *trained["args"],
+                       "--num_workers", "0", "--eval_part", "all", "--eval_dir", str(out / "eval_ddp"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+                *multi[2:]]
+    run(torchrun)
+    a = {r["id"]: r for r in csv.DictReader(open(out / "eval_single" / "metrics_per_image.csv"))}
+    b = {r["id"]: r for r in csv.DictReader(open(out / "eval_ddp" / "metrics_per_image.csv"))}
+    assert len(a) == 9 and set(a) == set(b)  # 9 images over 2 ranks: no padding duplicates
+    for i in a:
+        for k, v in a[i].items():
+            if k in ("id", "filename") or v == "":
+                assert v == b[i][k]
+            else:
+                assert float(v) == pytest.approx(float(b[i][k]), abs=1e-5), (i, k)
