@@ -41,7 +41,9 @@ class GradientAlignedLoss(_Loss):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``logits`` (N, C, H, W) region logits; ``target`` (N, C, H, W) binary mask."""
         if logits.shape != target.shape:
-            raise ValueError(f"logits and target must have the same shape, got {tuple(logits.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"logits and target must have the same shape, got {tuple(logits.shape)} and {tuple(target.shape)}"
+            )
         prob = torch.sigmoid(logits)
         grad_pred = sobel_magnitude(prob, eps=self.eps)
         grad_true = sobel_magnitude(target.to(prob.dtype), eps=self.eps)
@@ -92,7 +94,10 @@ class DSHFNLoss(_Loss):
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         if pred.ndim != 4 or pred.shape[1] not in (1, 2):
-            raise ValueError(f"DSHFNLoss: pred must be (N, 2, H, W) [region, boundary] logits or (N, 1, H, W), got {tuple(pred.shape)}")
+            raise ValueError(
+                "DSHFNLoss: pred must be (N, 2, H, W) [region, boundary] logits or (N, 1, H, W), "
+                f"got {tuple(pred.shape)}"
+            )
         has_edge = pred.shape[1] == 2
         if label.ndim != 4 or label.shape[0] != pred.shape[0] or label.shape[2:] != pred.shape[2:]:
             raise ValueError(f"DSHFNLoss: label {tuple(label.shape)} does not match pred {tuple(pred.shape)}")

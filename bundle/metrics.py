@@ -140,23 +140,27 @@ def nearest_sq_distance(
     Written here rather than with ``scipy.ndimage.distance_transform_edt`` (host only) or ``torch.cdist``
     (quadratic in boundary pixels): the separable exact EDT (Meijster et al. 2000) evaluated at the query
     pixels only, in stages because nearly all boundary distances are a few pixels. A row pass gives each
-    pixel's horizontal distance ``D`` to ``dst`` (exact below a cap); the column pass
-    ``min_t t^2 + D(i + t, j)^2`` over ``|t| <= window`` is exact wherever the result is ``<= (window + 1)^2``
-    and below ``cap^2``; the few other queries are searched over ``|t| < 64``, then over whole columns of
-    the uncapped row pass. One host sync (``nonzero``) per stage, a few per call and none per image.
+    pixel's horizontal distance ``D`` to ``dst``, exact below a cap of 128 px (:func:`_row_distance`); the
+    column pass ``r = min_t t^2 + D(i + t, j)^2`` over ``|t| <= window`` is exact wherever
+    ``r <= (window + 1)^2`` (rows farther away cost more) and ``r < cap^2`` (it came from an exact ``D``).
+    The few other queries are searched again over 32, then 127 rows, and those whose nearest target is
+    128 px or more away over whole columns of an uncapped row pass. A host sync (``nonzero``) per stage,
+    none per image. ``window`` only trades speed; results do not depend on it.
     """
     if src.shape != dst.shape or src.ndim != 3:
         raise ValueError(f"src and dst must be (G, H, W) of one shape, got {tuple(src.shape)} and {tuple(dst.shape)}")
     if max(src.shape[-2:]) >= 1 << 14:
         raise ValueError(f"images up to 16383 pixels a side are supported, got {tuple(src.shape[-2:])}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
     dst = dst.bool()
     idx = src.nonzero()  # host sync: the number of query pixels
     group, i, j = idx.unbind(1)
     if max_sq is not None:
-        # Only "within sqrt(max_sq)?" is asked: one window of that size decides it exactly.
-        window = int(math.isqrt(int(max_sq)))
-        row_dist = _row_distance(dst, max(1, window.bit_length()))
-        return group, _column_search(row_dist, 1 << max(1, window.bit_length()), group, i, j, window)
+        # Only "within sqrt(max_sq)?" is asked: one window that wide, over row distances exact that far, decides.
+        window = math.isqrt(int(max_sq))
+        bits = max(1, window.bit_length())
+        return group, _column_search(_row_distance(dst, bits), 1 << bits, group, i, j, window)
     bits = max(_CAP_BITS, window.bit_length())
     cap = 1 << bits
     row_dist = _row_distance(dst, bits)
@@ -164,7 +168,10 @@ def nearest_sq_distance(
     sq = _column_search(row_dist, cap, group, i, j, window)
     # A windowed result r is exact when nothing outside the window can beat it, r <= (window + 1)^2, and it
     # comes from an exact (below the cap) row distance, r < cap^2. Widen the window for the other queries ...
-    settled = lambda win: min((win + 1) ** 2, cap * cap - 1)  # noqa: E731
+
+    def settled(win: int) -> int:
+        return min((win + 1) ** 2, cap * cap - 1)
+
     redo = ((sq > settled(window)) & has_dst).nonzero().squeeze(1)
     for wide in [w for w in _WIDER_WINDOWS if window < w < cap] + [cap - 1]:
         if not redo.numel():
@@ -211,7 +218,16 @@ class _ReducedMetric(CumulativeIterationMetric):
         self.reduction = reduction
         self.get_not_nans = get_not_nans
 
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def _compute_list(self, y_pred, y=None, **kwargs: Any):  # type: ignore[override]
+        """Lists of channel-first tensors (decollated batches in MONAI workflows) are stacked and computed at once."""
+        if y is not None and len(y_pred) == len(y) > 0 and len({tuple(t.shape) for t in [*y_pred, *y]}) == 1:
+            stacked = torch.stack([p.detach() for p in y_pred]), torch.stack([t.detach() for t in y])
+            return self._compute_tensor(*stacked, **kwargs)
+        return super()._compute_list(y_pred, y, **kwargs)
+
+    def aggregate(
+        self, reduction: MetricReduction | str | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Reduce the buffered (N, C) values over all iterations (and ranks); nan entries are skipped."""
         data = self.get_buffer()
         if not isinstance(data, torch.Tensor):
@@ -255,7 +271,9 @@ class BoundaryF1Metric(_ReducedMetric):
     ) -> None:
         super().__init__(reduction, get_not_nans)
         if tolerance is not None and tolerance_fraction is not None:
-            raise ValueError("give BoundaryF1Metric either tolerance (pixels) or tolerance_fraction (of the diagonal), not both")
+            raise ValueError(
+                "give BoundaryF1Metric either tolerance (pixels) or tolerance_fraction (of the diagonal), not both"
+            )
         if tolerance is None and tolerance_fraction is None:
             tolerance = 2.0
         value = tolerance if tolerance is not None else tolerance_fraction
@@ -275,7 +293,9 @@ class BoundaryF1Metric(_ReducedMetric):
             return float(self.tolerance)
         return float(self.tolerance_fraction) * math.hypot(height, width)
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+    def _compute_tensor(  # type: ignore[override]
+        self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         n_c = (y_pred.shape[0], y_pred.shape[1] - (1 if not self.include_background and y_pred.shape[1] > 1 else 0))
         p, g = _prepare(y_pred, y, self.include_background)
         k, h, w = p.shape
@@ -342,9 +362,13 @@ class HausdorffMetric(_ReducedMetric):
         self.include_background = include_background
         self.warn_empty = warn_empty
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+    def _compute_tensor(  # type: ignore[override]
+        self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         if kwargs.get("spacing") is not None:
-            raise ValueError("HausdorffMetric works in pixels; spacing is not supported (use MONAI's HausdorffDistanceMetric)")
+            raise ValueError(
+                "HausdorffMetric works in pixels; spacing is not supported (use MONAI's HausdorffDistanceMetric)"
+            )
         n_c = (y_pred.shape[0], y_pred.shape[1] - (1 if not self.include_background and y_pred.shape[1] > 1 else 0))
         p, g = _prepare(y_pred, y, self.include_background)
         k = p.shape[0]

@@ -24,7 +24,8 @@ def _glga_reference(logits: np.ndarray, target: np.ndarray, eps: float = EPS) ->
         return np.sqrt(ndimage.sobel(a, axis=0) ** 2 + ndimage.sobel(a, axis=1) ** 2 + eps)
 
     p = _sigmoid(logits.astype(np.float64))
-    diffs = [np.abs(mag(p[n, c]) - mag(target[n, c].astype(np.float64))) for n in range(p.shape[0]) for c in range(p.shape[1])]
+    n, c = p.shape[:2]
+    diffs = [np.abs(mag(p[a, b]) - mag(target[a, b].astype(np.float64))) for a in range(n) for b in range(c)]
     return float(np.mean(diffs))
 
 
@@ -64,7 +65,8 @@ def _logits_like(labels: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def test_glga_matches_scipy_sobel_reference(tnbc_labels):
     logits = _logits_like(tnbc_labels)
-    ours = GradientAlignedLoss()(torch.tensor(logits, dtype=torch.float32), torch.tensor(tnbc_labels, dtype=torch.float32))
+    pred, label = torch.tensor(logits, dtype=torch.float32), torch.tensor(tnbc_labels, dtype=torch.float32)
+    ours = GradientAlignedLoss()(pred, label)
     ref = _glga_reference(logits, tnbc_labels)
     assert ref > 0.05  # the reference is not trivially small
     assert ours.item() == pytest.approx(ref, rel=1e-5)
@@ -124,7 +126,8 @@ def test_zero_weights_switch_terms_off(tnbc_labels):
     assert no_glga.last_terms["glga"].item() == pytest.approx(terms["glga"], rel=1e-6)  # still logged
     value.backward()
     ref_pred = logits.clone().requires_grad_(True)
-    (0.6 * full.seg_loss(ref_pred[:, :1], label[:, :1]) + 0.2 * full.edge_loss(ref_pred[:, 1:], label[:, 1:])).backward()
+    seg, edge = full.seg_loss(ref_pred[:, :1], label[:, :1]), full.edge_loss(ref_pred[:, 1:], label[:, 1:])
+    (0.6 * seg + 0.2 * edge).backward()
     torch.testing.assert_close(pred.grad, ref_pred.grad)
 
     only_glga = DSHFNLoss(alpha=0.0, beta=0.0, gamma=1.0, log_disabled_terms=False)
@@ -145,7 +148,8 @@ def test_boundary_decoder_ablation(tnbc_labels):
     loss = DSHFNLoss(alpha=0.6, beta=0.0, gamma=0.2)
     value = loss(logits[:, :1], label)
     assert "edge" not in loss.last_terms
-    assert value.item() == pytest.approx(0.6 * loss.last_terms["seg"].item() + 0.2 * loss.last_terms["glga"].item(), rel=1e-6)
+    terms = {k: v.item() for k, v in loss.last_terms.items()}
+    assert value.item() == pytest.approx(0.6 * terms["seg"] + 0.2 * terms["glga"], rel=1e-6)
     with pytest.raises(ValueError, match="pred must be"):
         loss(logits[:, 0], label)
     with pytest.raises(ValueError, match="label"):

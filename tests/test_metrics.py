@@ -36,7 +36,8 @@ SIZE = 256
 def _crop(mask: np.ndarray) -> np.ndarray:
     """The SIZE x SIZE window with the most foreground among a few (keeps crops realistic, not empty)."""
     starts = range(0, mask.shape[0] - SIZE + 1, max(1, (mask.shape[0] - SIZE) // 3))
-    best = max(((r, c) for r in starts for c in starts), key=lambda rc: mask[rc[0] : rc[0] + SIZE, rc[1] : rc[1] + SIZE].sum())
+    windows = [(r, c) for r in starts for c in starts]
+    best = max(windows, key=lambda rc: mask[rc[0] : rc[0] + SIZE, rc[1] : rc[1] + SIZE].sum())
     return mask[best[0] : best[0] + SIZE, best[1] : best[1] + SIZE]
 
 
@@ -227,7 +228,8 @@ def test_boundary_f1_empty_policy(ground_truths):
     gt = torch.tensor(ground_truths[1], dtype=torch.float32)[None, None]
     empty = torch.zeros_like(gt)
     y_pred, y = torch.cat([empty, gt, empty]), torch.cat([gt, empty, empty])  # pred empty, gt empty, both
-    torch.testing.assert_close(BoundaryF1Metric()(y_pred, y)[:, 0], torch.tensor([0.0, math.nan, math.nan]), equal_nan=True)
+    expected = torch.tensor([0.0, math.nan, math.nan])
+    torch.testing.assert_close(BoundaryF1Metric()(y_pred, y)[:, 0], expected, equal_nan=True)
     torch.testing.assert_close(BoundaryF1Metric(ignore_empty=False)(y_pred, y)[:, 0], torch.tensor([0.0, 0.0, 1.0]))
 
 
@@ -262,6 +264,9 @@ def test_batching_and_accumulation_equal_per_sample(cases):
         metric(y_pred[:5], y[:5])
         metric(y_pred[5:], y[5:])  # uneven iterations
         assert metric.aggregate().item() == pytest.approx(np.nanmean(singles.numpy()), rel=1e-6)
+        # decollated batches (lists of channel-first tensors, as MONAI workflows pass them) give the same values
+        metric.reset()
+        torch.testing.assert_close(metric(list(y_pred), list(y)), singles, atol=1e-5, rtol=0)
 
 
 def _np_region_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:

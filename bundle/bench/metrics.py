@@ -80,7 +80,10 @@ def _time_in_turn(fns: dict, device: torch.device, repeat: int) -> dict[str, lis
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     setups = [("tnbc", 4 if args.quick else 16), ("monuseg", 1 if args.quick else 4)]
-    ours = {"HD95": HausdorffMetric(percentile=95, include_background=True, warn_empty=False), "BF1": BoundaryF1Metric()}
+    ours = {
+        "HD95": HausdorffMetric(percentile=95, include_background=True, warn_empty=False),
+        "BF1": BoundaryF1Metric(),
+    }
     monai_hd95 = HausdorffDistanceMetric(percentile=95, include_background=True)
     rows = []
     for kind, count in setups:
