@@ -375,7 +375,8 @@ class HausdorffMetric(_ReducedMetric):
         bp, bg = mask_boundary(p), mask_boundary(g)
         src, dst = (bp, bg) if self.directed else (torch.cat([bp, bg]), torch.cat([bg, bp]))
         group, sq = nearest_sq_distance(src, dst)
-        per_dir = _group_reduce(group, sq.sqrt(), src.shape[0], self.percentile)
+        # sqrt in float64 then rounded, as MONAI's KD-tree distances are, so the values match bit for bit
+        per_dir = _group_reduce(group, sq.double().sqrt().float(), src.shape[0], self.percentile)
         hd = per_dir if self.directed else torch.maximum(per_dir[:k], per_dir[k:])
         # Empty masks: the values MONAI 1.6.1 gives (see the class docstring).
         has_p, has_g = _any_per_image(p), _any_per_image(g)
@@ -408,15 +409,17 @@ def _group_reduce(group: torch.Tensor, values: torch.Tensor, n_groups: int, perc
     mat = torch.full((n_groups, width), float("inf"), device=values.device, dtype=values.dtype)
     mat[group, pos] = values
     mat = mat.sort(dim=1).values
-    # torch.quantile: rank = q * (n - 1) in the input dtype, then lerp between the neighbouring order statistics.
-    q = torch.tensor(percentile / 100, device=values.device, dtype=values.dtype)
-    last = (counts - 1).clamp(min=0)
-    ranks = q * last
-    below = ranks.long()
-    above = ranks.ceil().long()
+    # torch.quantile (CPU, float32, as MONAI calls it), reproduced to the bit (checked empirically): rank =
+    # float32(q) * (n - 1) in float64, then lerp between the neighbouring order statistics with the difference
+    # rounded to float32 and a fused multiply-add, emulated in float64.
+    q = float(torch.tensor(percentile / 100, dtype=torch.float32))
+    ranks = q * (counts - 1).clamp(min=0).double()
+    below, above = ranks.floor().long(), ranks.ceil().long()
+    weight = ranks - below
     lo = mat.gather(1, below[:, None]).squeeze(1)
     hi = mat.gather(1, above[:, None]).squeeze(1)
-    out = torch.lerp(lo, hi, ranks - below)
+    diff = (hi - lo).double()
+    out = torch.where(weight < 0.5, lo.double() + weight * diff, hi.double() - diff * (1 - weight)).to(values.dtype)
     return torch.where(counts > 0, out, float("nan"))
 
 
