@@ -44,10 +44,13 @@ class GradientAlignedLoss(_Loss):
             raise ValueError(
                 f"logits and target must have the same shape, got {tuple(logits.shape)} and {tuple(target.shape)}"
             )
-        prob = torch.sigmoid(logits)
-        grad_pred = sobel_magnitude(prob, eps=self.eps)
-        grad_true = sobel_magnitude(target.to(prob.dtype), eps=self.eps)
-        return (grad_pred - grad_true).abs().mean()
+        # float32 at least (float64 kept for gradcheck), autocast off: the sqrt's eps underflows in half precision
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            prob = torch.sigmoid(logits.to(dtype))
+            grad_pred = sobel_magnitude(prob, eps=self.eps)
+            grad_true = sobel_magnitude(target.to(dtype), eps=self.eps)
+            return (grad_pred - grad_true).abs().mean()
 
 
 class DSHFNLoss(_Loss):

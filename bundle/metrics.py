@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from monai.handlers import ConfusionMatrix, IgniteMetricHandler
 from monai.metrics import ConfusionMatrixMetric, CumulativeIterationMetric, DiceMetric, MeanIoU
+from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 from monai.metrics.utils import do_metric_reduction, ignore_background
 from monai.utils import MetricReduction
 
@@ -478,7 +479,19 @@ class HausdorffHandler(IgniteMetricHandler):
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=save_details)
 
 
-class PixelPrecisionHandler(ConfusionMatrix):
+class _PerImageConfusionMetric(ConfusionMatrix):
+    """MONAI's ``ConfusionMatrix`` handler whose saved details are the per-image metric values (N, C), not the
+    raw (N, C, 4) confusion matrices, so per-image tables (``bundle.writers.MetricsTableWriter``) read them like
+    every other metric's details."""
+
+    def completed(self, engine: Any, name: str) -> None:
+        super().completed(engine, name)
+        if self.save_details:
+            cm = engine.state.metric_details[name]
+            engine.state.metric_details[name] = compute_confusion_matrix_metric(self.metric_fn.metric_name[0], cm)
+
+
+class PixelPrecisionHandler(_PerImageConfusionMetric):
     """Ignite handler for pixel precision ``TP / (TP + FP)`` (eq. 31): MONAI ``ConfusionMatrix`` on binary masks.
 
     ``compute_sample=True`` (default) averages per-image precision (an image with an empty prediction gives nan and
@@ -503,7 +516,7 @@ class PixelPrecisionHandler(ConfusionMatrix):
         )
 
 
-class PixelRecallHandler(ConfusionMatrix):
+class PixelRecallHandler(_PerImageConfusionMetric):
     """Ignite handler for pixel recall ``TP / (TP + FN)`` (eq. 31); see :class:`PixelPrecisionHandler`.
 
     Per image (default), an empty ground truth gives nan and is skipped.

@@ -13,6 +13,15 @@ from bundle.losses import DSHFNLoss, GradientAlignedLoss, LossTermsHandler
 EPS = 1e-6
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Small tensors: one intra-op thread avoids thread-pool stalls on a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -177,6 +186,9 @@ def test_amp_stability(tnbc_labels, mode):
             pred = net(image)
             assert pred.dtype == torch.bfloat16
             value = loss(pred, label)
+            glga_amp = GradientAlignedLoss()(pred[:, :1], label[:, :1])  # used on its own under autocast too
+        glga_fp32 = GradientAlignedLoss()(pred[:, :1].detach().float(), label[:, :1])
+        assert glga_amp.dtype == torch.float32 and glga_amp.item() == pytest.approx(glga_fp32.item(), rel=1e-6)
     else:
         pred = net(image).half()
         value = loss(pred, label)

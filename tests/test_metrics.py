@@ -33,6 +33,15 @@ SIZE = 256
 # ----------------------------------------------------------------------------------------------- data
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Small per-call tensors: one intra-op thread avoids thread-pool stalls on a busy CI machine (10x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _crop(mask: np.ndarray) -> np.ndarray:
     """The SIZE x SIZE window with the most foreground among a few (keeps crops realistic, not empty)."""
     starts = range(0, mask.shape[0] - SIZE + 1, max(1, (mask.shape[0] - SIZE) // 3))
@@ -43,9 +52,9 @@ def _crop(mask: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ground_truths(tnbc_dir, monuseg_dir) -> list[np.ndarray]:
-    """Three TNBC masks and three MoNuSeg labels > 0, cropped to 256 x 256, bool."""
-    tnbc = [np.array(Image.open(p)) > 0 for p in sorted((tnbc_dir / "masks").glob("*.png"))[:3]]
-    monuseg = [np.array(Image.open(p)) > 0 for p in sorted((monuseg_dir / "labels").glob("*.png"))[:3]]
+    """Two TNBC masks and two MoNuSeg labels > 0 (from different patients / organs), cropped to 256 x 256, bool."""
+    tnbc = [np.array(Image.open(p)) > 0 for p in sorted((tnbc_dir / "masks").glob("*.png"))[::25]]
+    monuseg = [np.array(Image.open(p)) > 0 for p in sorted((monuseg_dir / "labels").glob("*.png"))[::15]]
     out = [_crop(m) for m in tnbc + monuseg]
     assert all(m.sum() > 500 for m in out)
     return out
@@ -91,7 +100,7 @@ def monai_hd(cases) -> dict:
     _, y_pred, y = cases
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {p: compute_hausdorff_distance(y_pred, y, percentile=p) for p in (None, 95, 50)}
+        return {p: compute_hausdorff_distance(y_pred, y, percentile=p) for p in (None, 95)}
 
 
 # ------------------------------------------------------------------------------------------ references
@@ -127,7 +136,7 @@ def test_mask_boundary_is_monais_edges(ground_truths):
 def test_nearest_distance_is_exact_euclidean_transform(ground_truths):
     """All pixels queried = a dense EDT; compared with scipy's on boundaries, sparse points and far targets."""
     rng = np.random.default_rng(1)
-    targets = [_edges(ground_truths[0]), _edges(ground_truths[4]), rng.random((SIZE, SIZE)) > 0.999]
+    targets = [_edges(ground_truths[0]), _edges(ground_truths[3]), rng.random((SIZE, SIZE)) > 0.999]
     far = np.zeros((SIZE, SIZE), bool)
     far[3, 250] = far[200, 10] = True  # most pixels 64+ px away: the whole-column stage
     targets.append(far)
@@ -150,7 +159,7 @@ def test_nearest_distance_is_exact_euclidean_transform(ground_truths):
 # ----------------------------------------------------------------------------------------- Hausdorff
 
 
-@pytest.mark.parametrize("percentile", [None, 95, 50])
+@pytest.mark.parametrize("percentile", [None, 95])
 def test_hausdorff_matches_monai(cases, monai_hd, percentile):
     names, y_pred, y = cases
     ours = HausdorffMetric(percentile=percentile)(y_pred, y)
@@ -250,7 +259,7 @@ def test_bad_arguments_and_inputs_raise():
 
 def test_batching_and_accumulation_equal_per_sample(cases):
     names, y_pred, y = cases
-    names, y_pred, y = names[::3], y_pred[::3], y[::3]  # every perturbation kind, fewer images
+    names, y_pred, y = names[::4], y_pred[::4], y[::4]  # a subset: every perturbation kind, fewer images
     for metric in (BoundaryF1Metric(), HausdorffMetric(percentile=95)):
         batched = metric(y_pred, y)
         metric.reset()
