@@ -175,3 +175,14 @@ def test_ddp_evaluation_matches_single_process(trained):
                 assert v == b[i][k]
             else:
                 assert float(v) == pytest.approx(float(b[i][k]), abs=1e-5), (i, k)
+
+
+def test_tracking_mlflow_logs_loss_terms_and_validation(small_dataset, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    run(bundle_cmd("training", ["train.json"], "--dataset_dir", str(small_dataset), "--output_dir", str(tmp_path),
+                   "--split_file", str(tmp_path / "s.json"), "--max_epochs", "1", *COMMON, "--tracking", "mlflow"))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs, "no MLflow run recorded"
+    logged = set().union(*(r.data.metrics for r in runs))
+    assert {"train_loss", "loss_seg", "loss_edge", "loss_glga", "lr", "val_mean_dice", "val_bf1"} <= logged
