@@ -33,7 +33,6 @@ __all__ = [
     "HFEMLevel",
     "LocalStream",
     "MutualRefinement",
-    "ScriptableSobelMagnitude",
     "SegmentationDecoder",
     "SpatialAttention",
     "channels_last",
@@ -63,21 +62,6 @@ def conv_bn_act(
         nn.BatchNorm2d(out_channels),
         act(),
     )
-
-
-class ScriptableSobelMagnitude(SobelMagnitude):
-    """:class:`bundle.sobel.SobelMagnitude` (same kernel buffer, same result) with a forward TorchScript compiles.
-
-    Written here because ``bundle.sobel.sobel_magnitude`` does not script (``tuple(x.shape)`` in its error
-    message, module-level kernel tensors); drop this class once that function is scriptable.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
-        xf = x.float().reshape(n * c, 1, h, w)
-        g = F.conv2d(F.pad(xf, [1, 1, 1, 1], mode="replicate"), self.kernels.float())
-        mag = torch.sqrt(g.pow(2).sum(dim=1, keepdim=True) + self.eps)
-        return mag.reshape(n, c, h, w).to(x.dtype)
 
 
 class DeformableConv(nn.Module):
@@ -138,8 +122,8 @@ class GlobalStream(nn.Module):
     The stem ``phi_0^g`` (eq. 1) is a chain of dilated 3x3 Conv-BN-GELU blocks: one at full resolution,
     then stride-2 ones down to ``1/fusion_stride``; their intermediate outputs are the stream's shallow
     features. The levels (:class:`GlobalLevel`, eq. 2-3) then run only at ``1/fusion_stride`` and below,
-    which is where the deformable convolutions live: on a CPU they cost ~50x a plain conv of the same
-    size, so keeping them off the full-resolution grid is what makes the network cheaper than a U-Net.
+    which is where the deformable convolutions live: on a CPU they cost 50-100x a plain conv of the
+    same size, so keeping them off the full-resolution grid is what makes the network cheaper than a U-Net.
 
     ``forward`` returns ``len(skip_channels) + len(level_channels)`` maps, entry ``k`` at stride ``2**k``.
     """
@@ -175,19 +159,18 @@ class GlobalStream(nn.Module):
 class LocalStream(nn.Module):
     """Local (edge) stream ``L`` of the dual-stream encoder, eq. 4-6.
 
-    The input is concatenated with its Sobel gradient magnitude (eq. 4-5, :class:`bundle.sobel.SobelMagnitude`
-    via :class:`ScriptableSobelMagnitude`),
+    The input is concatenated with its Sobel gradient magnitude (eq. 4-5, :class:`bundle.sobel.SobelMagnitude`),
     projected by a full-resolution Conv3x3-BN-ReLU stem ``phi_0^l`` and passed through one shallow
     Conv3x3-BN-ReLU block per stride, each downsampling with stride 2 instead of pooling (eq. 6).
-    ReLU rather than the paper's GELU: this stream is the one that runs at full resolution, where the
-    cheaper activation matters and edge features lose nothing by it.
+    ReLU rather than the paper's GELU (its ``R``): this is the stream that runs at full resolution, where
+    the cheaper activation counts.
 
     ``forward`` returns ``len(skip_channels) + len(level_channels)`` maps, entry ``k`` at stride ``2**k``.
     """
 
     def __init__(self, in_channels: int, skip_channels: Sequence[int], level_channels: Sequence[int]) -> None:
         super().__init__()
-        self.sobel = ScriptableSobelMagnitude()
+        self.sobel = SobelMagnitude()
         widths = list(skip_channels) + list(level_channels)
         self.stem = conv_bn_act(2 * in_channels, widths[0], nn.ReLU)
         self.blocks = nn.ModuleList(
@@ -204,7 +187,9 @@ class LocalStream(nn.Module):
 
 
 class SpatialAttention(nn.Module):
-    """Cross-stream spatial attention map of eq. 10-11: ``A = sigmoid(Conv7x7([mean_c(x), max_c(x)]))``, (N, 1, H, W)."""
+    """Cross-stream spatial attention map of eq. 10-11: ``A = sigmoid(Conv7x7([mean_c(x), max_c(x)]))``.
+
+    Returns (N, 1, H, W) weights in (0, 1)."""
 
     def __init__(self, kernel_size: int = 7) -> None:
         super().__init__()
@@ -217,7 +202,7 @@ class SpatialAttention(nn.Module):
 
 class HFEMLevel(nn.Module):
     """HFEM at one level, eq. 8-12: 1x1-project each stream to ``C`` channels, concatenate, reweight by
-    :class:`SpatialAttention`. Takes one map per stream (1 or 2), returns ``F_l^att`` with ``C * n_streams`` channels."""
+    :class:`SpatialAttention`. Takes one map per stream (1 or 2); returns ``F_l^att``, ``C * n_streams`` channels."""
 
     def __init__(self, stream_channels: Sequence[int], channels: int) -> None:
         super().__init__()
@@ -556,7 +541,8 @@ def shape_summary(model: DSHFN, height: int = 256, width: int = 256, batch: int 
         model.train(was_training)
         for h in handles:
             h.remove()
-    return [f"{'input':<46} {batch}x{model.in_channels}x{height}x{width}"] + lines + [f"{'output (eval)':<46} {shape(out)}"]
+    head = f"{'input':<46} {batch}x{model.in_channels}x{height}x{width}"
+    return [head] + lines + [f"{'output (eval)':<46} {shape(out)}"]
 
 
 if __name__ == "__main__":
@@ -568,5 +554,6 @@ if __name__ == "__main__":
     parser.add_argument("--kwargs", default="{}", help='DSHFN constructor arguments as JSON, e.g. \'{"levels": 3}\'')
     cli = parser.parse_args()
     net = DSHFN(**json.loads(cli.kwargs))
-    print(f"DSHFN({cli.kwargs}): {sum(p.numel() for p in net.parameters())} parameters, size_divisor={net.size_divisor}")
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"DSHFN({cli.kwargs}): {n_params} parameters, size_divisor={net.size_divisor}")
     print("\n".join(shape_summary(net, cli.size, cli.size)))

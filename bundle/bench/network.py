@@ -6,9 +6,12 @@
 
 Both models see the same input. Train step = forward + backward (loss = mean of the outputs) + AdamW step;
 eval = forward under ``no_grad`` in ``eval()`` mode. The two models are timed alternately, repetition by
-repetition, and each time reported is the BEST of ``--repeat`` runs: on a shared machine other processes only
-ever add time (single steps were seen to triple under a neighbour's test run), so the minimum is the
-estimate of the model's own cost that is least disturbed, and the ratio of minima is what to compare.
+repetition, and each time reported is the BEST of ``--repeat`` runs (of ``3 * --repeat`` for eval): on a
+shared machine other processes only ever add time (single steps were seen to triple under a neighbour's
+test run), so the minimum is the estimate of the model's own cost that is least disturbed, and the ratio
+of minima is what to compare.
+On CPU a last row repeats the ratios with ``torch.set_num_threads(1)``, which such interference cannot skew
+much; it is the ratio of the models' compute, without their parallel efficiency.
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during one step; on CPU how far the process's peak
 RSS (VmHWM, reset through ``/proc/self/clear_refs`` just before) rises above its RSS over the first train step /
 one eval forward, each in a fresh spawned process so freed-but-cached memory of one measurement cannot hide
@@ -113,12 +116,29 @@ def peak_memory_mib(name: str, x: torch.Tensor, amp: bool, mode: str) -> float:
     return float(result)
 
 
+def _time_alternately(
+    steps: dict[str, tuple[Callable[[], None], Callable[[], None]]], device: torch.device, repeat: int
+) -> dict[str, dict[str, float]]:
+    """Best-of-``repeat`` train-step and (best-of-``3 * repeat``, it is cheap) eval times, models interleaved."""
+    times: dict[str, dict[str, list[float]]] = {n: {"train": [], "eval": []} for n in steps}
+    for train_step, eval_forward in steps.values():  # warm-up: allocator, AdamW state, oneDNN primitive caches
+        train_step()
+        eval_forward()
+    for r in range(3 * repeat):
+        for name, (train_step, eval_forward) in steps.items():
+            if r < repeat:
+                times[name]["train"].append(time_call(train_step, device, warmup=0, repeat=1))
+            times[name]["eval"].append(time_call(eval_forward, device, warmup=0, repeat=1))
+    return {n: {k: min(v) for k, v in t.items()} for n, t in times.items()}
+
+
 def run(args) -> list[dict]:
-    """Rows for DS-HFN, BasicUNet and their ratio (DS-HFN / BasicUNet)."""
+    """Rows for DS-HFN, BasicUNet, their ratio (DS-HFN / BasicUNet) and, on CPU, the ratio with one thread."""
     device = torch.device(getattr(args, "device", "cpu"))
     amp = bool(getattr(args, "amp", False))
     repeat = max(1, int(getattr(args, "repeat", 3)))
-    batch = 2 if getattr(args, "quick", False) else 16
+    quick = bool(getattr(args, "quick", False))
+    batch = 2 if quick else 16
     size = int(getattr(args, "size", SIZE))
     names = ["DS-HFN", "BasicUNet"]
 
@@ -126,15 +146,7 @@ def run(args) -> list[dict]:
     x = torch.randn(batch, 1, size, size, device=device)
     models = {name: build(name).to(device) for name in names}
     steps = {name: make_steps(models[name], x, amp) for name in names}
-
-    times: dict[str, dict[str, list[float]]] = {n: {"train": [], "eval": []} for n in names}
-    for name in names:  # warm-up: allocator, AdamW state, oneDNN primitive caches
-        steps[name][0]()
-        steps[name][1]()
-    for _ in range(repeat):  # alternate the models so background load hits both alike
-        for name in names:
-            times[name]["train"].append(time_call(steps[name][0], device, warmup=0, repeat=1))
-            times[name]["eval"].append(time_call(steps[name][1], device, warmup=0, repeat=1))
+    best = _time_alternately(steps, device, repeat)
 
     rows = []
     for name in names:
@@ -143,8 +155,8 @@ def run(args) -> list[dict]:
                 "model": name + (" (features=16)" if name == "DS-HFN" else " (default)"),
                 "input": f"{batch}x1x{size}x{size}",
                 "params": sum(p.numel() for p in models[name].parameters()),
-                "train_step_s": min(times[name]["train"]),
-                "eval_fwd_s": min(times[name]["eval"]),
+                "train_step_s": best[name]["train"],
+                "eval_fwd_s": best[name]["eval"],
                 "peak_train_MiB": peak_memory_mib(name, x, amp, "train"),
                 "peak_eval_MiB": peak_memory_mib(name, x, amp, "eval"),
             }
@@ -152,9 +164,26 @@ def run(args) -> list[dict]:
     ours, base = rows
     rows.append(
         {
-            "model": "ratio DS-HFN / BasicUNet",
+            "model": f"ratio DS-HFN / BasicUNet ({torch.get_num_threads()} threads)",
             "input": ours["input"],
             **{k: ours[k] / base[k] if base[k] else float("nan") for k in RATIO_KEYS},
         }
     )
+    if device.type == "cpu" and not quick and torch.get_num_threads() > 1:
+        # Cross-check immune to the other threads' scheduling: with a neighbour busy on the shared cores, every
+        # parallel region waits for its descheduled thread and multi-threaded timings swing by 2-3x.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            single = _time_alternately(steps, device, repeat)
+        finally:
+            torch.set_num_threads(threads)
+        rows.append(
+            {
+                "model": "ratio DS-HFN / BasicUNet (1 thread)",
+                "input": ours["input"],
+                "train_step_s": single["DS-HFN"]["train"] / single["BasicUNet"]["train"],
+                "eval_fwd_s": single["DS-HFN"]["eval"] / single["BasicUNet"]["eval"],
+            }
+        )
     return rows
