@@ -331,23 +331,24 @@ class BoundaryDecoder(SegmentationDecoder):
 class MutualRefinement(nn.Module):
     """Mutual consistency block, eq. 20: ``Y_R = Y_seg * (1 + lambda * Y_edge)`` on probabilities.
 
-    ``lambda`` is learnable and kept in [0, 1] by a sigmoid parametrisation: the stored parameter
-    ``lambda_logit`` is unconstrained and ``lambda = sigmoid(lambda_logit)`` (smooth, never stuck at a
-    clamp boundary; 0 and 1 themselves are limits, so ``init`` must lie strictly inside).
+    ``lambda`` in [0, 1] is a fixed coefficient (the paper's "tunable weighting coefficient"), held as a
+    buffer so checkpoints and TorchScript exports carry it. It is not learned: the training losses (eq. 21)
+    act on Y_seg and Y_edge, never on Y_R, so a learnable lambda would receive no gradient and silently keep
+    its initial value. Choose it on validation data (``DSHFN(refine_lambda=...)``).
     """
 
-    def __init__(self, init: float = 0.5) -> None:
+    def __init__(self, refine_lambda: float = 0.5) -> None:
         super().__init__()
-        if not 0.0 < init < 1.0:
-            raise ValueError(f"MutualRefinement: initial lambda must lie in (0, 1), got {init}")
-        self.lambda_logit = nn.Parameter(torch.tensor(math.log(init / (1.0 - init))))
+        if not 0.0 <= refine_lambda <= 1.0:
+            raise ValueError(f"MutualRefinement: lambda must lie in [0, 1], got {refine_lambda}")
+        self.register_buffer("refine_lambda", torch.tensor(float(refine_lambda)))
 
     def weight(self) -> torch.Tensor:
         """The refinement coefficient lambda in [0, 1]."""
-        return torch.sigmoid(self.lambda_logit)
+        return self.refine_lambda
 
     def forward(self, y_seg: torch.Tensor, y_edge: torch.Tensor) -> torch.Tensor:
-        return y_seg * (1.0 + self.weight() * y_edge)
+        return y_seg * (1.0 + self.refine_lambda * y_edge)
 
 
 def _he_init(module: nn.Module) -> None:
@@ -394,7 +395,7 @@ class DSHFN(nn.Module):
         streams: "both" (DS-HFN), "local" (w/o global stream) or "global" (w/o local stream).
         fusion: "hfem" (eq. 8-14) or "add" (w/o HFEM: :class:`AdditiveFusion`).
         boundary_decoder: False drops the boundary decoder and the refinement (w/o boundary decoder).
-        refine_lambda: initial lambda of eq. 20, in (0, 1).
+        refine_lambda: lambda of eq. 20, a fixed coefficient in [0, 1] (not learned; see :class:`MutualRefinement`).
     """
 
     def __init__(
