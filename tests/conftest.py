@@ -36,3 +36,14 @@ def monuseg_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: one intra-op thread avoids thread-pool stalls on a busy 2-core CI machine (up to 10x)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

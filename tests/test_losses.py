@@ -13,13 +13,7 @@ from bundle.losses import DSHFNLoss, GradientAlignedLoss, LossTermsHandler
 EPS = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Small tensors: one intra-op thread avoids thread-pool stalls on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

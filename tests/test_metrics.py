@@ -33,13 +33,7 @@ SIZE = 256
 # ----------------------------------------------------------------------------------------------- data
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Small per-call tensors: one intra-op thread avoids thread-pool stalls on a busy CI machine (10x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _crop(mask: np.ndarray) -> np.ndarray:
