@@ -131,3 +131,21 @@ def test_bundle_zip_download_load_from_another_project(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "project", env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "LOADED DSHFN" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_cli_bad_input_is_one_clear_message(tnbc_dir, tmp_path):
+    """A dataset problem under `monai.bundle run` reads as one line naming the file, not a wrapped traceback."""
+    ds = tmp_path / "ds"
+    (ds / "images").mkdir(parents=True)
+    (ds / "masks").mkdir()
+    for i in ("01_1", "01_2"):
+        os.symlink(tnbc_dir / "masks" / f"{i}.png", ds / "masks" / f"{i}.png")
+    os.symlink(tnbc_dir / "images" / "01_1.png", ds / "images" / "01_1.png")  # 01_2 has no image
+    (ds / "meta.csv").write_text("id,group,split\n01_1,01,all\n01_2,01,all\n")
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+                           "--dataset_dir", str(ds), "--output_dir", str(tmp_path / "out")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "01_2" in err[0], proc.stderr[-2000:]
