@@ -79,6 +79,16 @@ def test_training_writes_weights_checkpoint_logs_and_metrics(trained):
     assert "val_mean_dice" in log and "val_bf1" in log and "val_hd95" in log
     assert "loss_glga" in log and "lr" in log  # loss terms and learning rate logged per epoch
     assert not list(out.rglob(".*.tmp*")), "a temp file was left behind"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = {"scalars": set(), "images": set()}
+    for f in (out / "logs").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    assert {"train_loss", "loss_seg", "loss_edge", "loss_glga", "lr", "val_mean_dice", "val_bf1", "val_hd95"} <= tags["scalars"]
+    assert any(t.startswith("val/contours") for t in tags["images"]), tags["images"]
     splits = json.loads((out / "splits.json").read_text())
     assert len(splits["folds"]) == 5
 
@@ -186,3 +196,14 @@ def test_tracking_mlflow_logs_loss_terms_and_validation(small_dataset, tmp_path)
     assert runs, "no MLflow run recorded"
     logged = set().union(*(r.data.metrics for r in runs))
     assert {"train_loss", "loss_seg", "loss_edge", "loss_glga", "lr", "val_mean_dice", "val_bf1"} <= logged
+
+
+def test_ddp_training_two_processes(small_dataset, tmp_path):
+    """multi_gpu_train.json under torchrun with 2 CPU processes (gloo): trains, rank 0 alone writes."""
+    cmd = bundle_cmd("training", ["train.json", "multi_gpu_train.json"], "--dataset_dir", str(small_dataset),
+                     "--output_dir", str(tmp_path), "--split_file", str(tmp_path / "s.json"), "--max_epochs", "1", *COMMON)
+    log = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "-m", *cmd[2:]])
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "checkpoint.pt").is_file()
+    assert log.count("new best key metric") == 1  # BestModelSaver runs on rank 0 only
+    # DistributedSampler shards the 6 training tiles: 3 per rank = one batch of 3 per epoch
+    assert torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=False)["trainer"]["iteration"] == 1
