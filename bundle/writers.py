@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from bundle.inference import tile_id
-from bundle.io import atomic_write, write_png_atomic, write_text_atomic
+from bundle.io import DataError, atomic_write, read_image, write_png_atomic, write_text_atomic
 from bundle.postprocessing import BOUNDARY, REGION
 
 logger = logging.getLogger(__name__)
@@ -55,19 +55,59 @@ def write_nifti_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
 
 class TileWriter:
     """Write, per tile, ``<id>_mask.png`` (0/255), ``<id>_region.png`` and ``<id>_boundary.png`` (probability
-    x 255) and, with ``nifti=True``, ``<id>_pred.nii.gz`` (every output channel, float32).
+    x 255), with ``nifti=True`` ``<id>_pred.nii.gz`` (every output channel, float32) and, for the ``formats``
+    asked (:data:`bundle.exports.FORMATS`), the nucleus outputs of :func:`bundle.exports.write_tile_outputs`:
+    ``png``/``tiff`` uint16 instance map ``<id>_instances.*``, ``geojson`` QuPath detections ``<id>.geojson``,
+    ``csv`` per-nucleus measurements ``<id>_nuclei.csv``, ``overlay`` contours ``<id>_overlay.png``; nuclei
+    from :func:`bundle.instances.instances_from_output` with the ``watershed`` parameters (a
+    :class:`bundle.instances.WatershedParams` or its dict, as stored in the config).
 
     Attach to the inference evaluator; reads the decollated ``engine.state.output`` items, whose ``pred`` is
-    DS-HFN's eval output (region, boundary, refined) already mapped back to the tile's size. The mask is
+    DS-HFN's eval output (region, boundary, refined) already mapped back to the tile's size, and the tile's RGB
+    from the batch key ``rgb`` (a copy made right after loading; re-read from the file if absent). The mask is
     written last: its presence marks a finished tile (see :func:`bundle.inference.tile_datalist`).
+
+    Items marked ``{"image": path, "error": message}`` (:class:`bundle.tiling.GuardedDataset`: a tile that
+    could not be read) are logged and counted as failed, and so is a tile whose outputs cannot be written; the
+    rest of the run goes on. At the end of the run the counts of every rank are gathered and rank 0 logs them and
+    writes ``<output_dir>/inference_summary.json``: tiles done / skipped (outputs already there, ``skipped``) /
+    failed (with the reasons), nuclei found.
     """
 
-    def __init__(self, output_dir: str, threshold: float = 0.5, nifti: bool = False, mask_channel: int = REGION) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        threshold: float = 0.5,
+        nifti: bool = False,
+        mask_channel: int = REGION,
+        formats: Sequence[str] = (),
+        watershed: Any = None,
+        tolerance: float = 0.0,
+        skipped: int = 0,
+        summary_file: str | None = "inference_summary.json",
+    ) -> None:
+        from bundle.exports import FORMATS
+        from bundle.instances import WatershedParams
+
         self.output_dir = Path(output_dir)
         self.threshold = threshold
         self.nifti = nifti
         self.mask_channel = mask_channel
+        self.formats = tuple(formats or ())
+        unknown = sorted(set(self.formats) - set(FORMATS))
+        if unknown:
+            raise ValueError(f"TileWriter: unknown format(s) {unknown}; choose from {FORMATS}")
+        if watershed is None or isinstance(watershed, WatershedParams):
+            self.watershed = watershed or WatershedParams()
+        else:
+            self.watershed = WatershedParams.from_dict(watershed)
+        self.tolerance = tolerance
+        self.skipped = int(skipped)
+        self.summary_file = summary_file
         self.written = 0
+        self.done: list[str] = []
+        self.failed: list[dict[str, str]] = []
+        self.nuclei = 0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -75,11 +115,16 @@ class TileWriter:
 
     def __call__(self, engine: Engine) -> None:
         outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
-        for item in outputs:
-            self.write(item)
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [None] * len(outputs)
+        for item, data in zip(outputs, batch):
+            self.write(item, data)
 
-    def write(self, item: dict) -> dict[str, Path]:
-        stem = tile_id(_filename(item))
+    def write(self, item: dict, data: dict | None = None) -> dict[str, Path]:
+        if "error" in item:
+            self._fail(str(item.get("image")), str(item["error"]))
+            return {}
+        name = _filename(item)
+        stem = tile_id(name)
         pred = item["pred"]
         pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
         paths = {
@@ -87,17 +132,79 @@ class TileWriter:
             "boundary": self.output_dir / f"{stem}_boundary.png",
             "mask": self.output_dir / f"{stem}_mask.png",
         }
-        write_png_atomic(paths["region"], probability_to_uint8(pred[REGION]))
-        write_png_atomic(paths["boundary"], probability_to_uint8(pred[BOUNDARY]))
-        if self.nifti:
-            paths["nifti"] = self.output_dir / f"{stem}_pred.nii.gz"
-            write_nifti_atomic(paths["nifti"], pred)
+        try:
+            write_png_atomic(paths["region"], probability_to_uint8(pred[REGION]))
+            write_png_atomic(paths["boundary"], probability_to_uint8(pred[BOUNDARY]))
+            if self.nifti:
+                paths["nifti"] = self.output_dir / f"{stem}_pred.nii.gz"
+                write_nifti_atomic(paths["nifti"], pred)
+            if self.formats:
+                paths.update(self.write_nuclei(stem, name, pred, data))
+        except (DataError, ValueError) as exc:
+            self._fail(name, f"{type(exc).__name__}: {exc}")
+            return {}
         write_png_atomic(paths["mask"], ((pred[self.mask_channel] > self.threshold) * 255).astype(np.uint8))
         self.written += 1
+        self.done.append(stem)
         return paths
 
-    def summary(self, engine: Engine) -> None:
+    def write_nuclei(self, stem: str, name: str, pred: np.ndarray, data: dict | None) -> dict[str, Path]:
+        """Instances by watershed on the region/boundary maps, then the ``formats`` outputs of the tile."""
+        from bundle.exports import write_tile_outputs
+        from bundle.instances import instances_from_output
+
+        rgb = None if data is None else data.get("rgb")
+        if rgb is None:
+            rgb = read_image(name)
+        else:
+            rgb = rgb.detach().cpu().numpy() if isinstance(rgb, torch.Tensor) else np.asarray(rgb)
+            rgb = np.clip(np.rint(np.moveaxis(rgb, 0, -1)), 0, 255).astype(np.uint8)
+        if rgb.shape[:2] != pred.shape[1:]:
+            raise ValueError(f"tile RGB {rgb.shape[:2]} and prediction {pred.shape[1:]} differ in size")
+        instances = instances_from_output(pred, self.watershed)
+        self.nuclei += int(instances.max(initial=0))
+        boundary = pred[BOUNDARY] if pred.shape[0] > BOUNDARY else None
+        out = write_tile_outputs(self.output_dir, stem, rgb, instances, pred[REGION], boundary, self.formats,
+                                 tolerance=self.tolerance)
+        return {f"nuclei_{k}": v for k, v in out.items()}
+
+    def _fail(self, name: str, message: str) -> None:
+        logger.error(f"{name}: skipped, {message}")
+        self.failed.append({"tile": name, "error": message})
+
+    def summary(self, engine: Engine) -> dict[str, Any] | None:
+        """Gather every rank's counts; rank 0 logs them and writes the summary JSON (returned on rank 0)."""
         logger.info(f"wrote outputs of {self.written} tiles to {self.output_dir}")
+        parts = _gather_objects({"done": self.done, "failed": self.failed, "nuclei": self.nuclei})
+        if not _is_rank0():
+            return None
+        done = [d for p in parts for d in p["done"]]
+        failed = [f for p in parts for f in p["failed"]]
+        summary = {
+            "tiles_done": len(done),
+            "tiles_skipped": self.skipped,
+            "tiles_failed": len(failed),
+            "nuclei": sum(p["nuclei"] for p in parts) if self.formats else None,
+            "done": sorted(done),
+            "done_per_rank": [len(p["done"]) for p in parts],
+            "failed": failed,
+        }
+        logger.info(
+            f"inference summary: {summary['tiles_done']} tiles done, {summary['tiles_skipped']} skipped (outputs "
+            f"existed), {summary['tiles_failed']} failed" + (f", {summary['nuclei']} nuclei" if self.formats else "")
+        )
+        if self.summary_file:
+            write_text_atomic(self.output_dir / self.summary_file, json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def _gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` in rank order (``[value]`` without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def _gather_strings(values: list[str]) -> list[str]:

@@ -4,6 +4,7 @@
     python scripts/benchmark.py                    # every suite
     python scripts/benchmark.py --suite network    # DS-HFN vs MONAI BasicUNet (issue 3)
     python scripts/benchmark.py --suite metrics    # BF1/HD95 vs MONAI HausdorffDistanceMetric (issue 4)
+    python scripts/benchmark.py --suite inference  # one 1000x1000 tile: read / normalise / network / post / write (issue 6)
     python scripts/benchmark.py --device cuda --amp
 
 Results print as markdown tables (paste into docs/benchmarks.md) and, with --json, are saved.
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bundle.bench import format_table  # noqa: E402
 
-SUITES = ["network", "metrics"]
+SUITES = ["network", "metrics", "inference"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -328,3 +328,53 @@ def test_bad_region_raises_data_error():
     with pytest.raises(DataError, match="region read"):
         list(predict_chunks(Short(rgb, "short"), predictor, image_statistics(ArraySource(rgb), REF), REF, 1.0, roi=32, stride=24))
     assert WatershedParams().min_size > 0
+
+
+def test_glass_chunks_skip_the_network_and_statistics_ignore_glass():
+    centres = [(y, x) for y in range(20, 240, 30) for x in range(20, 110, 30)]
+    rgb, truth = disks_image((256, 384), centres, 7)
+    rgb[:, 128:] = 245  # glass on the right two thirds
+
+    predictor = SlidingWindowPredictor(DarkIsNucleus(), roi_size=32, sw_batch_size=64, overlap=0.25)
+
+    class Count:
+        nuclei = 0
+
+        def add(self, block):
+            self.nuclei += block.count
+
+    sink = Count()
+    summary = segment_image(ArraySource(rgb), predictor, sink, REF, 0.5, roi=32, chunk=96, halo=16, tissue_only=True)
+    assert summary["chunks"] == 12 and summary["skipped_chunks"] == 6 and sink.nuclei == len(centres)
+    tissue = image_statistics(ArraySource(rgb), REF, tissue_only=True)
+    assert tissue.lab_mean == pytest.approx(image_statistics(ArraySource(rgb[:, :128]), REF).lab_mean, abs=1e-3)
+
+
+def test_large_tiles_get_tiled_tiff_label_map_and_overlay(monkeypatch, tmp_path):
+    import tifffile
+
+    from bundle import tiling
+    from bundle.exports import instance_overlay
+
+    monkeypatch.setattr(tiling, "PNG_MAX_PIXELS", 100 * 100)
+    centres = [(y, x) for y in range(15, 300, 40) for x in range(15, 330, 40)]
+    rgb, truth = disks_image((300, 330), centres, 8)
+    out = TileOutputs(tmp_path, "big", truth.shape, formats=("png", "overlay", "geojson"))
+    predictor = SlidingWindowPredictor(DarkIsNucleus(), roi_size=32, sw_batch_size=32, overlap=0.25)
+    segment_image(ArraySource(rgb), predictor, out, REF, 0.5, chunk=96, halo=16)
+    paths = out.close(ArraySource(rgb), tile=128)
+    assert sorted(paths) == ["geojson", "overlay", "tiff"] and paths["overlay"].suffix == ".tif"
+    labels = tifffile.imread(paths["tiff"])
+    assert labels.dtype == np.uint16 and same_partition(labels, truth)
+    np.testing.assert_array_equal(tifffile.imread(paths["overlay"]), instance_overlay(rgb, labels))
+
+
+def test_predictor_handles_images_smaller_than_a_window():
+    class Scale(torch.nn.Module):  # pixel-wise, so the answer is known wherever the padding lands
+        def forward(self, x):
+            return torch.cat([x, 2 * x, 3 * x], 1)
+
+    x = np.random.default_rng(3).random((20, 100)).astype(np.float32)
+    out = SlidingWindowPredictor(Scale(), roi_size=64, sw_batch_size=4, overlap=0.25)(x)
+    assert out.shape == (3, 20, 100)
+    np.testing.assert_allclose(out, np.stack([x, 2 * x, 3 * x]), atol=1e-5)
