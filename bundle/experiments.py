@@ -1,0 +1,226 @@
+"""Cross-validation experiments of issue 7: DS-HFN, the MONAI baselines and the Table 4 ablations, one pipeline.
+
+Every run is ``python -m monai.bundle run`` on ``configs/train.json`` plus the variant's file from
+``configs/variants/`` (config variants, not forks), so every model sees the same folds, transforms, optimiser,
+schedule, early stopping and evaluation. Per fold ``k`` (the committed split file's protocol): train on the
+other three folds, select the checkpoint on fold ``k+1`` (validation Dice), evaluate once on fold ``k`` at the
+paper's 256 x 256 and at the native size. The threshold stays at the paper's 0.5: nothing is tuned, so nothing
+can leak from the held-out fold.
+
+Runs are resumable at two levels: a training subprocess resumes from its per-epoch checkpoint, and a
+(variant, fold) whose results are already under ``results_dir`` is skipped. Results are copied to
+``docs/results/<dataset>/<variant>/fold<k>_<resolution>.csv`` (per image) and ``.json`` (summary) as each fold
+finishes, so tables can be assembled across sessions and machines with :func:`summarise`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from bundle import bundle_root
+
+logger = logging.getLogger(__name__)
+
+#: variant name -> config files merged after configs/train.json (paths relative to the bundle root)
+VARIANTS: dict[str, list[str]] = {
+    "dshfn": [],
+    "basic_unet": ["configs/variants/basic_unet.json"],
+    "attention_unet": ["configs/variants/attention_unet.json"],
+    "local_only": ["configs/variants/ablation_local_only.json"],
+    "global_only": ["configs/variants/ablation_global_only.json"],
+    "additive_fusion": ["configs/variants/ablation_additive_fusion.json"],
+    "no_boundary_decoder": ["configs/variants/ablation_no_boundary_decoder.json"],
+    "no_glga": ["configs/variants/ablation_no_glga.json"],
+}
+ABLATIONS = ["dshfn", "local_only", "global_only", "additive_fusion", "no_boundary_decoder", "no_glga"]
+RESOLUTIONS = ("paper", "native")
+#: columns of the tables: (metric key in metrics_summary.json, label, higher is better)
+TABLE_METRICS = [
+    ("dice", "Dice", True),
+    ("iou", "IoU", True),
+    ("precision", "precision", True),
+    ("recall", "recall", True),
+    ("bf1", "BF1 (2 px)", True),
+    ("bf1_diag", "BF1 (0.75 % diag.)", True),
+    ("hd", "HD (px)", False),
+    ("hd95", "HD95 (px)", False),
+]
+
+
+def _configs(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str] = ()) -> str:
+    """``--config_file`` value: train.json, the ``pipeline`` files (e.g. evaluate.json), the variant, ``overrides``.
+
+    The variant comes after the pipeline files because evaluate.json re-imports train.json's ``network_def``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    root = Path(bundle_root())
+    files = [root / "configs" / "train.json"] + [root / f for f in (*pipeline, *VARIANTS[variant])]
+    files += [Path(f).resolve() for f in overrides]
+    return "[" + ",".join(repr(str(f)) for f in files) + "]"
+
+
+def _bundle_run(run_id: str, config_file: str, overrides: dict[str, Any], log_path: Path) -> None:
+    """``python -m monai.bundle run <run_id>`` in a subprocess (a fresh process per run: memory is returned)."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=bundle_root(), stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{run_id} failed (exit {proc.returncode}); see {log_path}")
+
+
+def result_paths(results_dir: str | os.PathLike, variant: str, fold: int, resolution: str) -> tuple[Path, Path]:
+    base = Path(results_dir) / variant / f"fold{fold}_{resolution}"
+    return base.with_suffix(".csv"), base.with_suffix(".json")
+
+
+def run_fold(
+    variant: str,
+    fold: int,
+    dataset_dir: str | os.PathLike,
+    runs_dir: str | os.PathLike,
+    results_dir: str | os.PathLike,
+    max_epochs: int,
+    device: str | None = None,
+    num_workers: int = 0,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Train ``variant`` on ``fold`` (resuming a killed run), evaluate its held-out fold at both resolutions and
+    copy the per-image CSV and summary JSON to ``results_dir``. Skipped when those results exist.
+
+    ``overrides``: config files merged last (after the variant), e.g. a smaller network for a smoke test.
+    """
+    wanted = [result_paths(results_dir, variant, fold, r) for r in RESOLUTIONS]
+    if all(c.is_file() and j.is_file() for c, j in wanted):
+        logger.info(f"{variant} fold {fold}: results exist, skipped")
+        return {"variant": variant, "fold": fold, "skipped": True}
+    out = Path(runs_dir) / variant / f"fold{fold}"
+    common: dict[str, Any] = {"dataset_dir": str(dataset_dir), "output_dir": str(out), "fold": fold,
+                              "num_workers": num_workers}
+    if device:
+        common["device"] = f"$torch.device('{device}')"
+    log_path = out / "experiment.log"
+    done = out / "train_done.json"
+    started = time.time()
+    if not done.is_file():
+        resume = (out / "models" / "checkpoint.pt").is_file()
+        _bundle_run("training", _configs(variant, overrides=overrides),
+                    {**common, "max_epochs": max_epochs, "resume": resume}, log_path)
+        _write_json(done, {"max_epochs": max_epochs, "seconds": round(time.time() - started, 1)})
+    train_info = json.loads(done.read_text())
+    for resolution, (csv_path, json_path) in zip(RESOLUTIONS, wanted):
+        eval_dir = out / "eval" / f"fold{fold}_test_{resolution}"
+        _bundle_run("evaluating", _configs(variant, ["configs/evaluate.json"], overrides),
+                    {**common, "eval_part": "test", "eval_resolution": resolution}, log_path)
+        summary = json.loads((eval_dir / "metrics_summary.json").read_text())
+        summary.update(variant=variant, fold=fold, resolution=resolution, max_epochs=train_info["max_epochs"],
+                       train_seconds=train_info.get("seconds"), epochs_run=_epochs_run(out))
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        _copy_atomic(eval_dir / "metrics_per_image.csv", csv_path)
+        _write_json(json_path, summary)
+    return {"variant": variant, "fold": fold, "skipped": False, "seconds": round(time.time() - started, 1)}
+
+
+def _epochs_run(run_dir: Path) -> int | None:
+    """Epochs the run trained (from its resumable checkpoint), or None when unknown."""
+    ckpt = run_dir / "models" / "checkpoint.pt"
+    if not ckpt.is_file():
+        return None
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    trainer = state.get("trainer") or {}
+    if trainer.get("epoch_length"):  # ignite stores iteration and epoch_length, not the epoch
+        return int(trainer["iteration"]) // int(trainer["epoch_length"])
+    return None
+
+
+def _write_json(path: Path, value: Any) -> None:
+    from bundle.io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def per_image_means(csv_path: str | os.PathLike) -> dict[str, float]:
+    """Mean of every numeric column of a per-image metrics CSV (NaN entries, e.g. HD of an empty mask, ignored)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    means: dict[str, float] = {}
+    for key in rows[0] if rows else []:
+        cells = [row[key] for row in rows if row[key] not in ("", None)]  # "" = NaN in the writer's CSV
+        try:
+            values = [float(c) for c in cells]
+        except ValueError:  # a text column (id, filename)
+            continue
+        values = [v for v in values if math.isfinite(v)]
+        if values:
+            means[key] = sum(values) / len(values)
+    return means
+
+
+def collect(results_dir: str | os.PathLike, resolution: str) -> dict[str, dict[int, dict[str, float]]]:
+    """{variant: {fold: {metric: mean over the fold's test images}}} from the per-image CSVs in ``results_dir``."""
+    found: dict[str, dict[int, dict[str, float]]] = {}
+    for csv_path in sorted(Path(results_dir).glob(f"*/fold*_{resolution}.csv")):
+        fold = int(csv_path.stem[len("fold"):].split("_")[0])
+        found.setdefault(csv_path.parent.name, {})[fold] = per_image_means(csv_path)
+    return found
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def summarise(results_dir: str | os.PathLike, variants: Iterable[str] | None = None, resolution: str = "paper") -> str:
+    """Markdown table: per variant, mean +- SD over folds of each fold's mean test metric, and the folds used."""
+    found = collect(results_dir, resolution)
+    names = [v for v in (variants or VARIANTS) if v in found]
+    head = "| model | folds | " + " | ".join(label for _, label, _ in TABLE_METRICS) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE_METRICS) + 2)]
+    for name in names:
+        folds = found[name]
+        cells = []
+        for key, _, _ in TABLE_METRICS:
+            values = [m[key] for m in folds.values() if key in m]
+            if values:
+                mean, sd = _mean_sd(values)
+                cells.append(f"{mean:.3f} ± {sd:.3f}" if key not in ("hd", "hd95") else f"{mean:.1f} ± {sd:.1f}")
+            else:
+                cells.append("–")
+        lines.append(f"| {name} | {','.join(str(k) for k in sorted(folds))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_differences(results_dir: str | os.PathLike, a: str, b: str, resolution: str = "paper") -> dict[str, Any]:
+    """Per-fold differences ``a - b`` of every table metric over the folds both variants finished."""
+    found = collect(results_dir, resolution)
+    folds = sorted(set(found.get(a, {})) & set(found.get(b, {})))
+    diffs = {}
+    for key, _, _ in TABLE_METRICS:
+        d = [found[a][k][key] - found[b][k][key] for k in folds if key in found[a][k] and key in found[b][k]]
+        if d:
+            diffs[key] = {"mean": _mean_sd(d)[0], "per_fold": d}
+    return {"folds": folds, "diffs": diffs}

@@ -1,0 +1,67 @@
+"""Issue 7's cross-validation experiments: a thin command line over :mod:`bundle.experiments`.
+
+    # DS-HFN and BasicUNet on all five TNBC folds, same budget (resumable: rerun the same command)
+    python scripts/experiments.py run --variants dshfn basic_unet --folds 0 1 2 3 4 --max_epochs 30 \\
+        --dataset_dir ../shared/data/tnbc
+    # the Table 4 ablations on two folds
+    python scripts/experiments.py run --variants ablations --folds 0 1 --max_epochs 30 --dataset_dir ../shared/data/tnbc
+    # tables (mean +- SD over folds) from the committed per-image CSVs
+    python scripts/experiments.py table --results_dir docs/results/tnbc --resolution paper
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bundle.experiments import ABLATIONS, RESOLUTIONS, VARIANTS, run_fold, summarise  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train + evaluate variants on folds (skips what is done, resumes the rest)")
+    run.add_argument("--variants", nargs="+", default=["dshfn", "basic_unet"],
+                     help=f"names from {sorted(VARIANTS)}, or 'ablations' for {ABLATIONS}")
+    run.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    run.add_argument("--max_epochs", type=int, required=True, help="the budget, identical for every variant")
+    run.add_argument("--dataset_dir", required=True)
+    run.add_argument("--runs_dir", default="runs/experiments", help="checkpoints and logs (not committed)")
+    run.add_argument("--results_dir", default=None, help="per-fold CSV/JSON (default docs/results/<dataset>)")
+    run.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: the config's choice)")
+    run.add_argument("--num_workers", type=int, default=0)
+    run.add_argument("--fold_major", action="store_true", help="loop folds outside variants (default: variants outside)")
+    table = sub.add_parser("table", help="markdown table of mean +- SD over folds")
+    table.add_argument("--results_dir", required=True)
+    table.add_argument("--resolution", choices=RESOLUTIONS, default="paper")
+    table.add_argument("--variants", nargs="+", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    if args.command == "table":
+        print(summarise(args.results_dir, args.variants, args.resolution))
+        return 0
+    variants = [v for name in args.variants for v in (ABLATIONS if name == "ablations" else [name])]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)} or 'ablations'")
+    dataset = os.path.basename(os.path.normpath(args.dataset_dir))
+    results_dir = args.results_dir or os.path.join("docs", "results", dataset)
+    pairs = [(v, k) for k in args.folds for v in variants] if args.fold_major else \
+        [(v, k) for v in variants for k in args.folds]
+    for variant, fold in pairs:
+        result = run_fold(variant, fold, args.dataset_dir, os.path.join(args.runs_dir, dataset), results_dir,
+                          args.max_epochs, device=args.device, num_workers=args.num_workers)
+        logging.info(f"{result}")
+    for resolution in RESOLUTIONS:
+        print(f"\n## {dataset}, {resolution} resolution\n")
+        print(summarise(results_dir, variants, resolution))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Issue 7's experiment machinery: baseline adapter, config variants, fold tables, and one real run_fold."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.networks.nets import BasicUNet
+
+from bundle.baselines import SegmentationOutput
+from bundle.experiments import VARIANTS, paired_differences, per_image_means, result_paths, run_fold, summarise
+from bundle.network import DSHFN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_segmentation_output_keeps_logits_in_training_and_gives_the_dshfn_contract_in_eval(one_torch_thread):
+    torch.manual_seed(0)
+    for out_channels in (1, 2):
+        net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=out_channels, features=(4, 4, 8, 8, 16, 4))
+        wrapped = SegmentationOutput(net, size_divisor=16)
+        x = torch.randn(2, 1, 32, 48)
+        wrapped.train()
+        torch.testing.assert_close(wrapped(x), net(x))
+        wrapped.eval()
+        with torch.no_grad():
+            logits, out = net(x), wrapped(x)
+        assert out.shape == (2, 3, 32, 48)
+        torch.testing.assert_close(out[:, 0], torch.sigmoid(logits[:, 0]))
+        torch.testing.assert_close(out[:, 2], out[:, 0])  # no eq. 20 refinement in a baseline
+        expected_boundary = torch.sigmoid(logits[:, 1]) if out_channels == 2 else torch.zeros_like(out[:, 1])
+        torch.testing.assert_close(out[:, 1], expected_boundary)
+        with pytest.raises(ValueError, match="multiples of size_divisor=16"):
+            wrapped(torch.randn(1, 1, 40, 48))
+
+
+def _parse(variant: str) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.json")] + [str(ROOT / f) for f in VARIANTS[variant]])
+    return parser
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_builds_its_network_and_loss(variant, one_torch_thread):
+    parser = _parse(variant)
+    net = parser.get_parsed_content("network_def", instantiate=True)
+    loss = parser.get_parsed_content("loss", instantiate=True)
+    base = _parse("dshfn")
+    # only the network and the loss differ from DS-HFN's config: same data, optimiser, schedule, budget
+    for key in ("train_datalist", "val_datalist", "optimizer", "lr_scheduler", "max_epochs", "patience", "batch_size"):
+        assert parser.get(key) == base.get(key), key
+    expected = {
+        "dshfn": (DSHFN, {"seg": 0.6, "edge": 0.2, "glga": 0.2}),
+        "basic_unet": (SegmentationOutput, {"seg": 1.0, "edge": 0.0, "glga": 0.0}),
+        "attention_unet": (SegmentationOutput, {"seg": 1.0, "edge": 0.0, "glga": 0.0}),
+        "local_only": (DSHFN, {"seg": 0.6, "edge": 0.2, "glga": 0.2}),
+        "global_only": (DSHFN, {"seg": 0.6, "edge": 0.2, "glga": 0.2}),
+        "additive_fusion": (DSHFN, {"seg": 0.6, "edge": 0.2, "glga": 0.2}),
+        "no_boundary_decoder": (DSHFN, {"seg": 0.6, "edge": 0.0, "glga": 0.2}),
+        "no_glga": (DSHFN, {"seg": 0.6, "edge": 0.2, "glga": 0.0}),
+    }[variant]
+    assert isinstance(net, expected[0]) and loss.weights == expected[1]
+    if isinstance(net, DSHFN):
+        kinds = sorted(type(s).__name__ for s in net.streams)
+        assert kinds == {"local_only": ["LocalStream"], "global_only": ["GlobalStream"]}.get(
+            variant, ["GlobalStream", "LocalStream"])
+        assert type(net.fusion).__name__ == ("AdditiveFusion" if variant == "additive_fusion" else "HFEM")
+        assert (net.boundary_decoder is None) == (variant == "no_boundary_decoder")
+    net.train()
+    x = torch.randn(2, 1, 64, 64)
+    label = torch.zeros(2, 2, 64, 64)
+    label[:, :, 20:40, 20:40] = 1
+    value = loss(net(x), label)  # the loss accepts the variant's training output
+    assert torch.isfinite(value)
+    net.eval()
+    with torch.no_grad():
+        assert net(x).shape == (2, 3, 64, 64)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_fold_tables_are_means_of_fold_means(tmp_path):
+    # the writer leaves HD empty for an image without nuclei: it must be left out, not read as 0
+    _write_csv(tmp_path / "a" / "fold0_paper.csv", [{"id": "x", "dice": 0.5, "hd95": 4}, {"id": "y", "dice": 0.7, "hd95": ""}])
+    _write_csv(tmp_path / "a" / "fold1_paper.csv", [{"id": "z", "dice": 0.8, "hd95": 2}, {"id": "w", "dice": 1.0, "hd95": 6}])
+    _write_csv(tmp_path / "b" / "fold0_paper.csv", [{"id": "x", "dice": 0.4, "hd95": 8}])
+    _write_csv(tmp_path / "b" / "fold1_paper.csv", [{"id": "z", "dice": 0.5, "hd95": 9}])
+    assert per_image_means(tmp_path / "a" / "fold0_paper.csv") == pytest.approx({"dice": 0.6, "hd95": 4.0})
+    table = summarise(tmp_path, ["a", "b"], "paper").splitlines()
+    # a: fold means 0.6 and 0.9 -> 0.75 +- sqrt(2 * 0.15^2) = 0.212; HD95 fold means 4 and 4 -> 4.0 +- 0.0
+    assert table[2].startswith("| a | 0,1 | 0.750 ± 0.212 |") and "| 4.0 ± 0.0 |" in table[2]
+    assert table[3].startswith("| b | 0,1 | 0.450 ± 0.071 |") and "| 8.5 ± 0.7 |" in table[3]
+    diff = paired_differences(tmp_path, "a", "b")
+    assert diff["folds"] == [0, 1]
+    assert diff["diffs"]["dice"]["per_fold"] == pytest.approx([0.2, 0.4])
+    assert diff["diffs"]["hd95"]["mean"] == pytest.approx(((4 - 8) + (4 - 9)) / 2)
+    assert "–" in summarise(tmp_path, ["a"], "paper").splitlines()[2]  # metrics absent from the CSV
+
+
+@pytest.mark.slow
+def test_run_fold_trains_evaluates_and_skips_finished_folds(tnbc_dir, tmp_path):
+    """A real fold of the baseline through the CLI: the variant's network is trained AND evaluated."""
+    rows = list(csv.DictReader(open(tnbc_dir / "meta.csv")))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    chosen = [r for g in sorted(groups)[:5] for r in groups[g][:2]]  # 10 tiles, 5 patients: one patient a fold
+    data = tmp_path / "tiny_tnbc"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+        for r in chosen:
+            os.symlink(tnbc_dir / sub / f"{r['id']}.png", data / sub / f"{r['id']}.png")
+    (data / "meta.csv").write_text("id,group,split\n" + "".join(f"{r['id']},{r['group']},all\n" for r in chosen))
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({"spatial_size": [64, 64], "batch_size": 3, "val_batch_size": 2,
+                                 "split_file": str(tmp_path / "splits.json"),
+                                 "network_def#net#features": [4, 4, 8, 8, 16, 4]}))
+    kwargs = dict(dataset_dir=data, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results", max_epochs=1,
+                  device="cpu", overrides=[str(small)])
+    first = run_fold("basic_unet", 1, **kwargs)
+    assert first["skipped"] is False
+    weights = torch.load(tmp_path / "runs" / "basic_unet" / "fold1" / "models" / "model.pt", weights_only=True)
+    assert all(k.startswith("net.") for k in weights)  # the BasicUNet was trained, not DS-HFN
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    test_ids = sorted(splits["folds"][1]["ids"])
+    for resolution in ("paper", "native"):
+        csv_path, json_path = result_paths(tmp_path / "results", "basic_unet", 1, resolution)
+        got = list(csv.DictReader(open(csv_path)))
+        assert sorted(r["id"] for r in got) == test_ids  # the held-out fold, nothing else
+        assert all(0.0 <= float(r["dice"]) <= 1.0 for r in got)
+        summary = json.loads(json_path.read_text())
+        assert summary["resolution"] == resolution and summary["max_epochs"] == 1 and summary["epochs_run"] == 1
+        assert math.isclose(summary["dice"]["mean"], per_image_means(csv_path)["dice"], rel_tol=1e-5)
+    assert run_fold("basic_unet", 1, **kwargs)["skipped"] is True
