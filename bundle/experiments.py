@@ -9,7 +9,7 @@ can leak from the held-out fold.
 
 Runs are resumable at two levels: a training subprocess resumes from its per-epoch checkpoint, and a
 (variant, fold) whose results are already under ``results_dir`` is skipped. Results are copied to
-``docs/results/<dataset>/<variant>/fold<k>_<resolution>.csv`` (per image) and ``.json`` (summary) as each fold
+``docs/results/<dataset>_<schedule>/<variant>/fold<k>_<resolution>.csv`` (per image) and ``.json`` (summary) as each fold
 finishes, so tables can be assembled across sessions and machines with :func:`summarise`.
 """
 
@@ -95,7 +95,7 @@ def run_fold(
     dataset_dir: str | os.PathLike,
     runs_dir: str | os.PathLike,
     results_dir: str | os.PathLike,
-    max_epochs: int,
+    max_epochs: int | None = None,
     device: str | None = None,
     num_workers: int = 0,
     overrides: Sequence[str] = (),
@@ -103,7 +103,8 @@ def run_fold(
     """Train ``variant`` on ``fold`` (resuming a killed run), evaluate its held-out fold at both resolutions and
     copy the per-image CSV and summary JSON to ``results_dir``. Skipped when those results exist.
 
-    ``overrides``: config files merged last (after the variant), e.g. a smaller network for a smoke test.
+    ``overrides``: config files merged last (after the variant): the schedule (``configs/schedules/``) or, in a
+    smoke test, a smaller network. ``max_epochs`` (if given) overrides both.
     """
     wanted = [result_paths(results_dir, variant, fold, r) for r in RESOLUTIONS]
     if all(c.is_file() and j.is_file() for c, j in wanted):
@@ -119,35 +120,38 @@ def run_fold(
     started = time.time()
     if not done.is_file():
         resume = (out / "models" / "checkpoint.pt").is_file()
-        _bundle_run("training", _configs(variant, overrides=overrides),
-                    {**common, "max_epochs": max_epochs, "resume": resume}, log_path)
-        _write_json(done, {"max_epochs": max_epochs, "seconds": round(time.time() - started, 1)})
+        epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
+        _bundle_run("training", _configs(variant, overrides=overrides), {**common, **epochs, "resume": resume}, log_path)
+        _write_json(done, {"schedule": [Path(f).name for f in overrides], "seconds": round(time.time() - started, 1)})
     train_info = json.loads(done.read_text())
+    from bundle.figures import export_curves  # figures imports this module
+
+    export_curves(out / "logs", Path(results_dir) / variant / f"fold{fold}_curves.csv")
     for resolution, (csv_path, json_path) in zip(RESOLUTIONS, wanted):
         eval_dir = out / "eval" / f"fold{fold}_test_{resolution}"
         _bundle_run("evaluating", _configs(variant, ["configs/evaluate.json"], overrides),
                     {**common, "eval_part": "test", "eval_resolution": resolution}, log_path)
         summary = json.loads((eval_dir / "metrics_summary.json").read_text())
-        summary.update(variant=variant, fold=fold, resolution=resolution, max_epochs=train_info["max_epochs"],
-                       train_seconds=train_info.get("seconds"), epochs_run=_epochs_run(out))
+        summary.update(variant=variant, fold=fold, resolution=resolution, schedule=train_info.get("schedule"),
+                       train_seconds=train_info.get("seconds"), **_trainer_state(out))
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         _copy_atomic(eval_dir / "metrics_per_image.csv", csv_path)
         _write_json(json_path, summary)
     return {"variant": variant, "fold": fold, "skipped": False, "seconds": round(time.time() - started, 1)}
 
 
-def _epochs_run(run_dir: Path) -> int | None:
-    """Epochs the run trained (from its resumable checkpoint), or None when unknown."""
+def _trainer_state(run_dir: Path) -> dict[str, int | None]:
+    """``epochs_run`` and ``max_epochs`` of the run, from its resumable checkpoint (None when unknown)."""
     ckpt = run_dir / "models" / "checkpoint.pt"
     if not ckpt.is_file():
-        return None
+        return {"epochs_run": None, "max_epochs": None}
     import torch
 
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    trainer = state.get("trainer") or {}
+    trainer = torch.load(ckpt, map_location="cpu", weights_only=False).get("trainer") or {}
+    epochs = None
     if trainer.get("epoch_length"):  # ignite stores iteration and epoch_length, not the epoch
-        return int(trainer["iteration"]) // int(trainer["epoch_length"])
-    return None
+        epochs = int(trainer["iteration"]) // int(trainer["epoch_length"])
+    return {"epochs_run": epochs, "max_epochs": trainer.get("max_epochs")}
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -1,12 +1,12 @@
 """Issue 7's cross-validation experiments: a thin command line over :mod:`bundle.experiments`.
 
     # DS-HFN and BasicUNet on all five TNBC folds, same budget (resumable: rerun the same command)
-    python scripts/experiments.py run --variants dshfn basic_unet --folds 0 1 2 3 4 --max_epochs 30 \\
+    python scripts/experiments.py run --variants dshfn basic_unet --folds 0 1 2 3 4 \\
         --dataset_dir ../shared/data/tnbc
     # the Table 4 ablations on two folds
-    python scripts/experiments.py run --variants ablations --folds 0 1 --max_epochs 30 --dataset_dir ../shared/data/tnbc
+    python scripts/experiments.py run --variants ablations --folds 0 1 --dataset_dir ../shared/data/tnbc
     # tables (mean +- SD over folds) from the committed per-image CSVs
-    python scripts/experiments.py table --results_dir docs/results/tnbc --resolution paper
+    python scripts/experiments.py table --results_dir docs/results/tnbc_cpu_40ep --resolution paper
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--variants", nargs="+", default=["dshfn", "basic_unet"],
                      help=f"names from {sorted(VARIANTS)}, or 'ablations' for {ABLATIONS}")
     run.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    run.add_argument("--max_epochs", type=int, required=True, help="the budget, identical for every variant")
+    run.add_argument("--schedule", default="configs/schedules/cpu_40ep.json",
+                     help="config file with the budget (epochs, batch, lr), identical for every variant")
+    run.add_argument("--max_epochs", type=int, default=None, help="override the schedule's epochs (smoke runs)")
     run.add_argument("--dataset_dir", required=True)
     run.add_argument("--runs_dir", default="runs/experiments", help="checkpoints and logs (not committed)")
-    run.add_argument("--results_dir", default=None, help="per-fold CSV/JSON (default docs/results/<dataset>)")
+    run.add_argument("--results_dir", default=None,
+                     help="per-fold CSV/JSON (default docs/results/<dataset>_<schedule name>: one folder per budget)")
     run.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: the config's choice)")
     run.add_argument("--num_workers", type=int, default=0)
     run.add_argument("--fold_major", action="store_true", help="loop folds outside variants (default: variants outside)")
@@ -50,12 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)} or 'ablations'")
     dataset = os.path.basename(os.path.normpath(args.dataset_dir))
-    results_dir = args.results_dir or os.path.join("docs", "results", dataset)
+    schedule = os.path.splitext(os.path.basename(args.schedule))[0]
+    results_dir = args.results_dir or os.path.join("docs", "results", f"{dataset}_{schedule}")
     pairs = [(v, k) for k in args.folds for v in variants] if args.fold_major else \
         [(v, k) for v in variants for k in args.folds]
     for variant, fold in pairs:
         result = run_fold(variant, fold, args.dataset_dir, os.path.join(args.runs_dir, dataset), results_dir,
-                          args.max_epochs, device=args.device, num_workers=args.num_workers)
+                          args.max_epochs, device=args.device, num_workers=args.num_workers, overrides=[args.schedule])
         logging.info(f"{result}")
     for resolution in RESOLUTIONS:
         print(f"\n## {dataset}, {resolution} resolution\n")

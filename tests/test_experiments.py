@@ -141,6 +141,6 @@ def test_run_fold_trains_evaluates_and_skips_finished_folds(tnbc_dir, tmp_path):
         assert sorted(r["id"] for r in got) == test_ids  # the held-out fold, nothing else
         assert all(0.0 <= float(r["dice"]) <= 1.0 for r in got)
         summary = json.loads(json_path.read_text())
-        assert summary["resolution"] == resolution and summary["max_epochs"] == 1 and summary["epochs_run"] == 1
+        assert summary["resolution"] == resolution and summary["max_epochs"] == 1 and summary["epochs_run"] == 1 and summary["schedule"] == ["small.json"]
         assert math.isclose(summary["dice"]["mean"], per_image_means(csv_path)["dice"], rel_tol=1e-5)
     assert run_fold("basic_unet", 1, **kwargs)["skipped"] is True

@@ -1,0 +1,202 @@
+"""Figures of the experiments (issue 7), made from the committed results so anyone can regenerate them.
+
+* :func:`export_curves`: a run's per-epoch TensorBoard scalars -> CSV (committed beside the fold's results, since
+  run folders are not);
+* :func:`plot_curves`, :func:`plot_metric_bars`: training curves and mean +- SD bars (matplotlib, an optional
+  extra: ``pip install -r requirements-figures.txt``);
+* :func:`qualitative_grid`: image with true (green) and predicted (red) contours for tiles of several patients
+  (PIL only), via :func:`bundle.visualize.contour_overlay`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bundle.experiments import TABLE_METRICS, collect
+
+#: per-epoch scalars worth keeping (train_loss is logged per iteration and left out)
+CURVE_TAGS = ("val_mean_dice", "val_iou", "val_bf1", "val_hd95", "loss_total", "loss_seg", "loss_edge", "loss_glga", "lr")
+
+
+def export_curves(log_dir: str | os.PathLike, csv_path: str | os.PathLike) -> int:
+    """Write the per-epoch scalars of a run's TensorBoard logs as CSV (``epoch`` + :data:`CURVE_TAGS` present).
+
+    A resumed run logs some epochs twice: the last value of an epoch wins. Returns the number of epochs written.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bundle.io import write_text_atomic
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in CURVE_TAGS if t in acc.Tags()["scalars"]]
+    table: dict[int, dict[str, float]] = {}
+    for tag in tags:
+        for event in acc.Scalars(tag):
+            table.setdefault(int(event.step), {})[tag] = float(event.value)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["epoch", *tags])
+    for epoch in sorted(table):
+        writer.writerow([epoch, *(repr(table[epoch][t]) if t in table[epoch] else "" for t in tags)])
+    write_text_atomic(csv_path, buf.getvalue())
+    return len(table)
+
+
+def read_curves(csv_path: str | os.PathLike) -> dict[str, np.ndarray]:
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in (rows[0] if rows else [])}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # an optional extra
+        raise ImportError("figures need matplotlib: pip install -r requirements-figures.txt") from exc
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    from bundle.io import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    return path
+
+
+def plot_curves(results_dir: str | os.PathLike, variants: Sequence[str], out_png: str | os.PathLike,
+                tags: Sequence[str] = ("val_mean_dice", "val_bf1", "loss_total")) -> Path:
+    """Per-epoch curves (one panel per tag), every fold a thin line, the fold mean a thick one, per variant."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4), squeeze=False)
+    for colour, variant in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], variants):
+        curves = [read_curves(p) for p in sorted(Path(results_dir, variant).glob("fold*_curves.csv"))]
+        for ax, tag in zip(axes[0], tags):
+            runs = [c[tag] for c in curves if tag in c]
+            for r in runs:
+                ax.plot(np.arange(1, len(r) + 1), r, color=colour, alpha=0.3, lw=0.8)
+            if runs:
+                n = min(len(r) for r in runs)
+                ax.plot(np.arange(1, n + 1), np.nanmean([r[:n] for r in runs], axis=0), color=colour, lw=2,
+                        label=f"{variant} ({len(runs)} folds)")
+            ax.set_title(tag)
+            ax.set_xlabel("epoch")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    out = _save(fig, out_png)
+    plt.close(fig)
+    return out
+
+
+def plot_metric_bars(results_dir: str | os.PathLike, variants: Sequence[str], out_png: str | os.PathLike,
+                     resolution: str = "paper", metrics: Sequence[str] = ("dice", "iou", "bf1", "hd95")) -> Path:
+    """Mean +- SD over folds of each fold's mean test metric, one panel per metric, one bar per variant."""
+    plt = _pyplot()
+    found = collect(results_dir, resolution)
+    names = [v for v in variants if v in found]
+    labels = {key: label for key, label, _ in TABLE_METRICS}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], metrics):
+        values = [[found[v][k][key] for k in sorted(found[v]) if key in found[v][k]] for v in names]
+        means = [np.mean(x) if x else np.nan for x in values]
+        sds = [np.std(x, ddof=1) if len(x) > 1 else 0.0 for x in values]
+        ax.bar(range(len(names)), means, yerr=sds, capsize=3, color="#7a9cc6")
+        for i, x in enumerate(values):
+            ax.scatter([i] * len(x), x, color="k", s=8, zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_title(labels.get(key, key))
+    fig.suptitle(f"test folds, {resolution} resolution (dots: folds)", fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, out_png)
+    plt.close(fig)
+    return out
+
+
+def qualitative_grid(panels: Sequence[tuple[str, np.ndarray]], out_png: str | os.PathLike, columns: int = 4) -> Path:
+    """Tile (caption, RGB uint8 (H, W, 3)) panels into one PNG with captions (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    from bundle.io import write_png_atomic
+
+    if not panels:
+        raise ValueError("qualitative_grid: no panels")
+    h = max(p.shape[0] for _, p in panels)
+    w = max(p.shape[1] for _, p in panels)
+    rows = (len(panels) + columns - 1) // columns
+    pad = 18
+    canvas = Image.new("RGB", (columns * w, rows * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (caption, panel) in enumerate(panels):
+        x, y = (i % columns) * w, (i // columns) * (h + pad)
+        canvas.paste(Image.fromarray(panel), (x, y + pad))
+        draw.text((x + 3, y + 3), caption, fill="black")
+    write_png_atomic(out_png, np.asarray(canvas))
+    return Path(out_png)
+
+
+def prediction_panels(
+    variant: str,
+    fold: int,
+    run_dir: str | os.PathLike,
+    dataset_dir: str | os.PathLike,
+    part: str = "val",
+    per_group: int = 1,
+    max_panels: int = 8,
+    device: str = "cpu",
+) -> list[tuple[str, np.ndarray]]:
+    """(caption, overlay) for ``per_group`` tiles of each patient/organ in ``part`` of ``fold`` (validation by
+    default, never the held-out test part unless asked), predicted by ``run_dir/models/model.pt`` through the
+    variant's own validation pipeline: true contours green, predicted red, yellow where they agree."""
+    import torch
+    from monai.bundle import ConfigParser
+    from PIL import Image
+
+    from bundle import bundle_root
+    from bundle.experiments import VARIANTS
+    from bundle.io import read_image
+    from bundle.visualize import contour_overlay
+
+    root = Path(bundle_root())
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "train.json")] + [str(root / f) for f in VARIANTS[variant]])
+    parser["dataset_dir"] = str(dataset_dir)
+    parser["fold"] = fold
+    parser["download"] = False
+    datalist = parser.get_parsed_content("train_datalist" if part == "train" else "val_datalist")
+    if part not in ("train", "val"):
+        from bundle.data import get_datalist
+
+        datalist = get_datalist(dataset_dir, fold, part, parser.get_parsed_content("split_file"))
+    chosen, seen = [], {}
+    for item in datalist:
+        if seen.get(item["group"], 0) < per_group and len(chosen) < max_panels:
+            seen[item["group"]] = seen.get(item["group"], 0) + 1
+            chosen.append(item)
+    transform = parser.get_parsed_content("validate#preprocessing")
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(Path(run_dir) / "models" / "model.pt", map_location=device, weights_only=True))
+    net = net.to(device).eval()
+    threshold = float(parser.get_parsed_content("threshold"))
+    panels = []
+    for item in chosen:
+        data = transform(dict(item))
+        with torch.no_grad():
+            prob = net(torch.as_tensor(data["image"])[None].to(device))[0, 0].cpu().numpy()
+        pred = prob > threshold
+        label = np.asarray(data["label"])[0] > 0.5
+        rgb = read_image(item["image"])
+        rgb = np.asarray(Image.fromarray(rgb).resize(pred.shape[::-1], Image.BICUBIC))
+        dice = 2 * (pred & label).sum() / max(1, pred.sum() + label.sum())
+        panels.append((f"{item['id']} ({item['group']}) Dice {dice:.2f}", contour_overlay(np.moveaxis(rgb, -1, 0), pred, label)))
+    return panels

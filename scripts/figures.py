@@ -1,0 +1,59 @@
+"""Figures of the experiments (issue 7): a thin command line over :mod:`bundle.figures`.
+
+Needs matplotlib for curves and bars (pip install -r requirements-figures.txt); qualitative overlays need PIL only.
+
+    python scripts/figures.py curves --results_dir docs/results/tnbc_40ep --variants dshfn basic_unet \\
+        --out docs/figures/tnbc_40ep_curves.png
+    python scripts/figures.py bars --results_dir docs/results/tnbc_40ep --variants dshfn basic_unet \\
+        --out docs/figures/tnbc_40ep_bars.png
+    # validation tiles (one per patient) of fold 0, predicted by that fold's trained run
+    python scripts/figures.py qualitative --variant dshfn --fold 0 --run_dir runs/experiments/tnbc/dshfn/fold0 \\
+        --dataset_dir ../shared/data/tnbc --out docs/figures/tnbc_40ep_dshfn_fold0_val.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bundle.experiments import RESOLUTIONS, VARIANTS  # noqa: E402
+from bundle.figures import plot_curves, plot_metric_bars, prediction_panels, qualitative_grid  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("curves", "bars"):
+        p = sub.add_parser(name)
+        p.add_argument("--results_dir", required=True)
+        p.add_argument("--variants", nargs="+", default=["dshfn", "basic_unet"])
+        p.add_argument("--out", required=True)
+        if name == "bars":
+            p.add_argument("--resolution", choices=RESOLUTIONS, default="paper")
+    q = sub.add_parser("qualitative")
+    q.add_argument("--variant", choices=sorted(VARIANTS), default="dshfn")
+    q.add_argument("--fold", type=int, default=0)
+    q.add_argument("--run_dir", required=True, help="the fold's run folder (holds models/model.pt)")
+    q.add_argument("--dataset_dir", required=True)
+    q.add_argument("--part", choices=("train", "val", "test"), default="val")
+    q.add_argument("--max_panels", type=int, default=8)
+    q.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    if args.command == "curves":
+        out = plot_curves(args.results_dir, args.variants, args.out)
+    elif args.command == "bars":
+        out = plot_metric_bars(args.results_dir, args.variants, args.out, args.resolution)
+    else:
+        panels = prediction_panels(args.variant, args.fold, args.run_dir, args.dataset_dir, args.part,
+                                   max_panels=args.max_panels)
+        out = qualitative_grid(panels, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
