@@ -2,7 +2,8 @@
 # README command (2): set up (idempotent pip install of the pinned requirements) and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --disable-pip-version-check -r requirements.txt
+# the optional figures extra too, so tests cover scripts/figures.py
+python3 -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-figures.txt
 set +e
 python3 -m pytest "$@"
 rc=$?
