@@ -842,13 +842,9 @@ def segment_image(
 # ------------------------------------------------------------------------------------------------------------
 def _data_error(exc: BaseException) -> DataError | None:
     """The :class:`DataError` in ``exc``'s cause chain (MONAI wraps transform errors in RuntimeError)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, DataError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    from bundle import _find_data_error
+
+    return _find_data_error(exc)
 
 
 class GuardedDataset(Dataset):
