@@ -111,6 +111,56 @@ def run_fold(
         logger.info(f"{variant} fold {fold}: results exist, skipped")
         return {"variant": variant, "fold": fold, "skipped": True}
     out = Path(runs_dir) / variant / f"fold{fold}"
+    with _RunLock(out / "run.lock") as lock:
+        if not lock.acquired:
+            logger.info(f"{variant} fold {fold}: another live process holds {lock.path}, skipped")
+            return {"variant": variant, "fold": fold, "skipped": True, "busy": True}
+        return _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, device, num_workers,
+                                overrides, wanted)
+
+
+class _RunLock:
+    """An exclusive lock file holding the owner's PID, so parallel workers (``--folds`` split across processes)
+    never train the same (variant, fold) twice; a lock whose process is gone is taken over."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.acquired = False
+
+    def __enter__(self) -> "_RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if _alive(self.path):
+                    return self
+                self.path.unlink(missing_ok=True)  # stale: its process died
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.acquired = True
+            break
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.acquired:
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text().strip() or 0)
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid > 0
+
+
+def _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, device, num_workers, overrides,
+                     wanted) -> dict[str, Any]:
+    if all(c.is_file() and j.is_file() for c, j in wanted):  # finished by another worker meanwhile
+        return {"variant": variant, "fold": fold, "skipped": True}
     common: dict[str, Any] = {"dataset_dir": str(dataset_dir), "output_dir": str(out), "fold": fold,
                               "num_workers": num_workers}
     if device:

@@ -131,6 +131,7 @@ def qualitative_grid(panels: Sequence[tuple[str, np.ndarray]], out_png: str | os
 
     if not panels:
         raise ValueError("qualitative_grid: no panels")
+    columns = max(1, min(columns, len(panels)))
     h = max(p.shape[0] for _, p in panels)
     w = max(p.shape[1] for _, p in panels)
     rows = (len(panels) + columns - 1) // columns

@@ -144,3 +144,27 @@ def test_run_fold_trains_evaluates_and_skips_finished_folds(tnbc_dir, tmp_path):
         assert summary["resolution"] == resolution and summary["max_epochs"] == 1 and summary["epochs_run"] == 1 and summary["schedule"] == ["small.json"]
         assert math.isclose(summary["dice"]["mean"], per_image_means(csv_path)["dice"], rel_tol=1e-5)
     assert run_fold("basic_unet", 1, **kwargs)["skipped"] is True
+
+
+def test_run_lock_keeps_parallel_workers_apart_and_takes_over_stale_locks(tmp_path):
+    import subprocess
+    import sys
+
+    from bundle.experiments import _RunLock
+
+    lock_path = tmp_path / "run" / "run.lock"
+    with _RunLock(lock_path) as first:
+        assert first.acquired and lock_path.read_text() == str(os.getpid())
+        with _RunLock(lock_path) as second:  # the owner is alive: a second worker stays out
+            assert not second.acquired
+        assert lock_path.is_file()
+    assert not lock_path.exists()  # released on exit
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_path.write_text(dead.stdout.strip())  # a worker that was killed
+    with _RunLock(lock_path) as third:
+        assert third.acquired and lock_path.read_text() == str(os.getpid())
+    busy = tmp_path / "runs" / "dshfn" / "fold0" / "run.lock"
+    busy.parent.mkdir(parents=True)
+    busy.write_text(str(os.getpid()))
+    got = run_fold("dshfn", 0, tmp_path / "no_data", tmp_path / "runs", tmp_path / "results")
+    assert got["busy"] is True and not (tmp_path / "results").exists()
