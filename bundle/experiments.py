@@ -41,6 +41,7 @@ VARIANTS: dict[str, list[str]] = {
     "additive_fusion": ["configs/variants/ablation_additive_fusion.json"],
     "no_boundary_decoder": ["configs/variants/ablation_no_boundary_decoder.json"],
     "no_glga": ["configs/variants/ablation_no_glga.json"],
+    "dshfn_width32": ["configs/variants/dshfn_width32.json"],
 }
 ABLATIONS = ["dshfn", "local_only", "global_only", "additive_fusion", "no_boundary_decoder", "no_glga"]
 RESOLUTIONS = ("paper", "native")

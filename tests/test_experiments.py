@@ -64,6 +64,7 @@ def test_every_variant_builds_its_network_and_loss(variant, one_torch_thread):
         "additive_fusion": (DSHFN, {"seg": 0.6, "edge": 0.2, "glga": 0.2}),
         "no_boundary_decoder": (DSHFN, {"seg": 0.6, "edge": 0.0, "glga": 0.2}),
         "no_glga": (DSHFN, {"seg": 0.6, "edge": 0.2, "glga": 0.0}),
+        "dshfn_width32": (DSHFN, {"seg": 0.6, "edge": 0.2, "glga": 0.2}),
     }[variant]
     assert isinstance(net, expected[0]) and loss.weights == expected[1]
     if isinstance(net, DSHFN):
@@ -72,6 +73,8 @@ def test_every_variant_builds_its_network_and_loss(variant, one_torch_thread):
             variant, ["GlobalStream", "LocalStream"])
         assert type(net.fusion).__name__ == ("AdditiveFusion" if variant == "additive_fusion" else "HFEM")
         assert (net.boundary_decoder is None) == (variant == "no_boundary_decoder")
+        width = sum(p.numel() for p in net.parameters())
+        assert (width > 1_000_000) == (variant == "dshfn_width32")
     net.train()
     x = torch.randn(2, 1, 64, 64)
     label = torch.zeros(2, 2, 64, 64)
