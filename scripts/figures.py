@@ -2,13 +2,14 @@
 
 Needs matplotlib for curves and bars (pip install -r requirements-figures.txt); qualitative overlays need PIL only.
 
-    python scripts/figures.py curves --results_dir docs/results/tnbc_40ep --variants dshfn basic_unet \\
-        --out docs/figures/tnbc_40ep_curves.png
-    python scripts/figures.py bars --results_dir docs/results/tnbc_40ep --variants dshfn basic_unet \\
-        --out docs/figures/tnbc_40ep_bars.png
-    # validation tiles (one per patient) of fold 0, predicted by that fold's trained run
+    python scripts/figures.py curves --results_dir docs/results/tnbc_cpu_40ep --variants dshfn basic_unet \\
+        --out docs/figures/tnbc_cpu_40ep_curves.png
+    python scripts/figures.py bars --results_dir docs/results/tnbc_cpu_40ep --variants dshfn basic_unet \\
+        --out docs/figures/tnbc_cpu_40ep_bars.png
+    # validation tiles (one per patient) of fold 0, predicted by that fold's trained run; written under runs/
+    # (git-ignored): pictures of the data are never committed
     python scripts/figures.py qualitative --variant dshfn --fold 0 --run_dir runs/experiments/tnbc/dshfn/fold0 \\
-        --dataset_dir ../shared/data/tnbc --out docs/figures/tnbc_40ep_dshfn_fold0_val.png
+        --dataset_dir ../shared/data/tnbc --out runs/figures/dshfn_fold0_val.png
 """
 
 from __future__ import annotations
