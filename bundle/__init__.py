@@ -4,7 +4,7 @@ Configs in ``configs/`` reference these modules as ``bundle.<module>.<Name>``; `
 puts the bundle root on ``sys.path`` so the package imports without installation.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def bundle_root() -> str:
