@@ -212,9 +212,9 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    from bundle.io import atomic_write
+
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def per_image_means(csv_path: str | os.PathLike) -> dict[str, float]:
