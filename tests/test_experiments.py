@@ -40,9 +40,10 @@ def test_segmentation_output_keeps_logits_in_training_and_gives_the_dshfn_contra
             wrapped(torch.randn(1, 1, 40, 48))
 
 
-def _parse(variant: str) -> ConfigParser:
+def _parse(variant: str, pipeline: tuple[str, ...] = ()) -> ConfigParser:
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / "train.json")] + [str(ROOT / f) for f in VARIANTS[variant]])
+    files = ["configs/train.json", *pipeline, *VARIANTS[variant]]
+    parser.read_config([str(ROOT / f) for f in files])
     return parser
 
 
@@ -50,6 +51,9 @@ def _parse(variant: str) -> ConfigParser:
 def test_every_variant_builds_its_network_and_loss(variant, one_torch_thread):
     parser = _parse(variant)
     net = parser.get_parsed_content("network_def", instantiate=True)
+    # the evaluation merges evaluate.json (which re-imports train.json's network_def) before the variant
+    evaluated = _parse(variant, ("configs/evaluate.json",)).get_parsed_content("network_def", instantiate=True)
+    assert type(evaluated) is type(net) and evaluated.state_dict().keys() == net.state_dict().keys()
     loss = parser.get_parsed_content("loss", instantiate=True)
     base = _parse("dshfn")
     # only the network and the loss differ from DS-HFN's config: same data, optimiser, schedule, budget
