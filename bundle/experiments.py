@@ -249,9 +249,15 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return mean, sd
 
 
-def summarise(results_dir: str | os.PathLike, variants: Iterable[str] | None = None, resolution: str = "paper") -> str:
-    """Markdown table: per variant, mean +- SD over folds of each fold's mean test metric, and the folds used."""
+def summarise(results_dir: str | os.PathLike, variants: Iterable[str] | None = None, resolution: str = "paper",
+              folds: Iterable[int] | None = None) -> str:
+    """Markdown table: per variant, mean +- SD over folds of each fold's mean test metric, and the folds used
+    (only ``folds`` when given, so variants run on fewer folds are compared on the same ones)."""
     found = collect(results_dir, resolution)
+    if folds is not None:
+        keep = set(folds)
+        found = {v: {k: m for k, m in per.items() if k in keep} for v, per in found.items()}
+        found = {v: per for v, per in found.items() if per}
     names = [v for v in (variants or VARIANTS) if v in found]
     head = "| model | folds | " + " | ".join(label for _, label, _ in TABLE_METRICS) + " |"
     lines = [head, "|" + "---|" * (len(TABLE_METRICS) + 2)]

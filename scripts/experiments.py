@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--results_dir", required=True)
     table.add_argument("--resolution", choices=RESOLUTIONS, default="paper")
     table.add_argument("--variants", nargs="+", default=None)
+    table.add_argument("--folds", nargs="+", type=int, default=None, help="only these folds (default: every fold found)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     if args.command == "table":
-        print(summarise(args.results_dir, args.variants, args.resolution))
+        print(summarise(args.results_dir, args.variants, args.resolution, args.folds))
         return 0
     variants = [v for name in args.variants for v in (ABLATIONS if name == "ablations" else [name])]
     unknown = sorted(set(variants) - set(VARIANTS))

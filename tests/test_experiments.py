@@ -114,6 +114,8 @@ def test_fold_tables_are_means_of_fold_means(tmp_path):
     assert diff["diffs"]["dice"]["per_fold"] == pytest.approx([0.2, 0.4])
     assert diff["diffs"]["hd95"]["mean"] == pytest.approx(((4 - 8) + (4 - 9)) / 2)
     assert "–" in summarise(tmp_path, ["a"], "paper").splitlines()[2]  # metrics absent from the CSV
+    only1 = summarise(tmp_path, ["a", "b"], "paper", folds=[1]).splitlines()
+    assert only1[2].startswith("| a | 1 | 0.900 ± 0.000 |") and only1[3].startswith("| b | 1 | 0.500 ± 0.000 |")
 
 
 @pytest.mark.slow
