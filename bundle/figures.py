@@ -174,11 +174,9 @@ def prediction_panels(
     parser["dataset_dir"] = str(dataset_dir)
     parser["fold"] = fold
     parser["download"] = False
-    datalist = parser.get_parsed_content("train_datalist" if part == "train" else "val_datalist")
-    if part not in ("train", "val"):
-        from bundle.data import get_datalist
+    from bundle.data import get_datalist
 
-        datalist = get_datalist(dataset_dir, fold, part, parser.get_parsed_content("split_file"))
+    datalist = get_datalist(dataset_dir, fold, part, parser.get_parsed_content("split_file"))
     chosen, seen = [], {}
     for item in datalist:
         if seen.get(item["group"], 0) < per_group and len(chosen) < max_panels:
