@@ -165,7 +165,7 @@ def prediction_panels(
 
     from bundle import bundle_root
     from bundle.experiments import VARIANTS
-    from bundle.io import read_image
+    from bundle.io import load_weights, read_image
     from bundle.visualize import contour_overlay
 
     root = Path(bundle_root())
@@ -184,7 +184,7 @@ def prediction_panels(
             chosen.append(item)
     transform = parser.get_parsed_content("validate#preprocessing")
     net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(Path(run_dir) / "models" / "model.pt", map_location=device, weights_only=True))
+    load_weights(net, Path(run_dir) / "models" / "model.pt", device)
     net = net.to(device).eval()
     threshold = float(parser.get_parsed_content("threshold"))
     panels = []

@@ -356,3 +356,28 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             f.write(text)
 
     _atomic_write_bytes(path, _write)
+
+
+def load_weights(network, ckpt: str | os.PathLike | None, device="cpu") -> None:
+    """Load a plain state_dict (or a ``{"model": state_dict}`` checkpoint) into ``network``.
+
+    ``ckpt=None`` keeps the random initialisation (with a warning); a missing file or weights that do not fit the
+    network raise :class:`DataError` naming the file and what to do.
+    """
+    import logging
+
+    import torch
+
+    if ckpt is None:
+        logging.getLogger(__name__).warning("no checkpoint given: the network keeps its random initialisation")
+        return
+    if not Path(ckpt).is_file():
+        raise DataError(f"{ckpt}: checkpoint not found. Train the bundle first or pass --ckpt models/model.pt")
+    state = torch.load(ckpt, map_location=device, weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DataError(f"{ckpt}: does not fit the network of the config ({str(exc).splitlines()[0]}). "
+                        "Use the config the checkpoint was trained with (--config_file)") from exc

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from bundle.exports import FORMATS  # noqa: E402
 from bundle.inference import DEFAULT_PIXEL_SIZE, find_tiles, tile_datalist, tile_id  # noqa: E402
 from bundle.instances import WatershedParams  # noqa: E402
-from bundle.io import DataError, write_text_atomic  # noqa: E402
+from bundle.io import DataError, load_weights, write_text_atomic  # noqa: E402
 from bundle.slide import is_slide, open_source, segment_slide  # noqa: E402
 from bundle.tiling import SlidingWindowPredictor, TileOutputs, peak_rss_mib, segment_image, shard  # noqa: E402
 
@@ -56,22 +56,6 @@ def load_settings(config_files: list[str]) -> dict:
         "sw_batch_size": int(get("sw_batch_size", 8)),
         "model_pixel_size": float(get("model_pixel_size", 0.5)),
     }
-
-
-def load_weights(network: torch.nn.Module, ckpt: str | None, device: torch.device) -> None:
-    if ckpt is None:
-        logger.warning("no --ckpt given: the network keeps its random initialisation (only useful for tests)")
-        return
-    if not Path(ckpt).is_file():
-        raise DataError(f"{ckpt}: checkpoint not found. Train the bundle first or pass --ckpt models/model.pt")
-    state = torch.load(ckpt, map_location=device, weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as exc:
-        raise DataError(f"{ckpt}: does not fit the network of the config ({str(exc).splitlines()[0]}). "
-                        "Use the config the checkpoint was trained with (--config_file)") from exc
 
 
 def segment_file(path: Path, args: argparse.Namespace, predictor, settings: dict) -> dict:
