@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from skimage.measure import approximate_polygon, regionprops_table
+from skimage.measure import approximate_polygon
 from skimage.segmentation import find_boundaries
 
 from bundle.io import atomic_write, write_png_atomic, write_text_atomic
+from bundle.measure import label_properties
 from bundle.visualize import PRED_RGB
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "GRAY_WEIGHTS",
     "NUCLEUS_CLASS",
     "pixel_edge_rings",
+    "label_edge_rings",
     "ring_area",
     "instance_polygons",
     "nucleus_table",
@@ -65,83 +67,110 @@ def ring_area(ring: np.ndarray) -> float:
     return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
 
 
-def _boundary_edges(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Directed unit edges between mask and non-mask pixels, interior on the LEFT: (start, end) (E, 2) (x, y).
+def _label_edges(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed unit edges between pixels of different labels, each object's interior on its LEFT: (label (E,),
+    start (E, 2), end (E, 2)) in (x, y) pixel-corner coordinates.
 
     With the interior on the left of every edge, each outer ring has a positive shoelace area (counter-clockwise
-    in x/y values as RFC 7946 asks; it looks clockwise on screen because image y points down).
+    in x/y values as RFC 7946 asks; it looks clockwise on screen because image y points down). Edge order: top
+    edges in raster order first, so each ring's first edge is the top edge of its first pixel in raster order.
     """
-    p = np.pad(mask, 1)
+    p = np.pad(labels, 1)
+    parts = []
     # horizontal edges on the line y = r between padded rows r-1 (a) and r (b)
     a, b = p[:-1, :], p[1:, :]
-    r, c = np.nonzero(b & ~a)  # interior below: walk +x
-    s1, e1 = np.stack([c, r + 1], 1), np.stack([c + 1, r + 1], 1)
-    r, c = np.nonzero(a & ~b)  # interior above: walk -x
-    s2, e2 = np.stack([c + 1, r + 1], 1), np.stack([c, r + 1], 1)
+    r, c = np.nonzero((a != b) & (b > 0))  # interior below: walk +x
+    parts.append((b[r, c], c, r + 1, c + 1, r + 1))
+    r, c = np.nonzero((a != b) & (a > 0))  # interior above: walk -x
+    parts.append((a[r, c], c + 1, r + 1, c, r + 1))
     # vertical edges on the line x = c between padded columns c-1 (left) and c (right)
     left, right = p[:, :-1], p[:, 1:]
-    r, c = np.nonzero(left & ~right)  # interior on the left (smaller x): walk +y
-    s3, e3 = np.stack([c + 1, r], 1), np.stack([c + 1, r + 1], 1)
-    r, c = np.nonzero(right & ~left)  # interior on the right: walk -y
-    s4, e4 = np.stack([c + 1, r + 1], 1), np.stack([c + 1, r], 1)
+    r, c = np.nonzero((left != right) & (left > 0))  # interior on the left (smaller x): walk +y
+    parts.append((left[r, c], c + 1, r, c + 1, r + 1))
+    r, c = np.nonzero((left != right) & (right > 0))  # interior on the right: walk -y
+    parts.append((right[r, c], c + 1, r + 1, c + 1, r))
+    lab, sx, sy, ex, ey = (np.concatenate(x).astype(np.int64) for x in zip(*parts))
     # padded -> unpadded coordinates
-    return np.concatenate([s1, s2, s3, s4]) - 1, np.concatenate([e1, e2, e3, e4]) - 1
+    return lab, np.stack([sx, sy], 1) - 1, np.stack([ex, ey], 1) - 1
+
+
+def label_edge_rings(labels: np.ndarray) -> dict[int, list[np.ndarray]]:
+    """``{label: [ring, ...]}``: the closed outer rings along the pixel edges of each 4-connected part of every
+    object of the integer map ``labels`` (0 = background), holes ignored (filled).
+
+    Each ring is a (K+1, 2) int array of (x, y) pixel-corner vertices, first == last, counter-clockwise (positive
+    :func:`ring_area`), one vertex per corner; its area equals the pixel count of the part with its holes filled.
+
+    Hand-written because scikit-image has no pixel-edge tracer (``find_contours`` goes through edge midpoints),
+    and vectorised over all objects at once (one edge per boundary pixel side; ~0.2 s per 1000 x 1000 tile as a
+    per-nucleus Python walk). Where two pixels of an object touch only diagonally the tracer turns left, i.e.
+    keeps them apart (4-connectivity); the background is then 8-connected, so a hole's ring runs clockwise
+    (negative area) and is dropped.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not labels.any():
+        return {}
+    lab, starts, ends = _label_edges(labels.astype(np.int64, copy=False))
+    n = len(lab)
+    width = labels.shape[1] + 2
+    corners = (labels.shape[0] + 2) * width
+    key = lambda v: lab * corners + (v[:, 1] + 1) * width + (v[:, 0] + 1)  # noqa: E731  (label, vertex) -> int
+    start_key, end_key = key(starts), key(ends)
+    order = np.argsort(start_key, kind="stable")
+    sorted_keys = start_key[order]
+    lo = np.searchsorted(sorted_keys, end_key)
+    hi = np.searchsorted(sorted_keys, end_key, side="right")
+    succ = order[lo]
+    # a pinch vertex (two pixels touching diagonally) has two outgoing edges: take the left turn, cross(d_in,
+    # d_out) > 0, which keeps the pixels apart; this makes succ a permutation whose cycles are the rings
+    direction = ends - starts
+    pinch = np.flatnonzero(hi - lo == 2)
+    if len(pinch):
+        alt = order[lo[pinch] + 1]
+        cross = lambda j: direction[pinch, 0] * direction[j, 1] - direction[pinch, 1] * direction[j, 0]  # noqa: E731
+        succ[pinch] = np.where(cross(alt) > cross(succ[pinch]), alt, succ[pinch])
+    # each ring's head = its smallest edge index, by pointer doubling: window 2^k; once doubling changes nothing,
+    # every cycle is shorter than the window
+    head, jump = np.arange(n), succ.copy()
+    while True:
+        new = np.minimum(head, head[jump])
+        if np.array_equal(new, head):
+            break
+        head, jump = new, jump[jump]
+    heads = np.flatnonzero(head == np.arange(n))
+    # walk all rings at once from their heads: position of every edge along its ring
+    ring_of, pos = np.empty(n, np.int64), np.empty(n, np.int64)
+    cur, active, t = heads.copy(), np.arange(len(heads)), 0
+    while len(cur):
+        ring_of[cur], pos[cur] = active, t
+        cur, t = succ[cur], t + 1
+        alive = cur != heads[active]
+        cur, active = cur[alive], active[alive]
+    length = np.bincount(ring_of, minlength=len(heads))
+    ordered = np.empty(n, np.int64)
+    ordered[(np.cumsum(length) - length)[ring_of] + pos] = np.arange(n)
+    # keep one vertex per corner: an edge starts a corner where its direction differs from its predecessor's
+    pred = np.empty(n, np.int64)
+    pred[succ] = np.arange(n)
+    corner = (direction != direction[pred]).any(axis=1)[ordered]
+    vertices = starts[ordered][corner]
+    ring_id = ring_of[ordered][corner]
+    count = np.bincount(ring_id, minlength=len(heads))
+    first = np.cumsum(count) - count
+    nxt = np.arange(1, len(vertices) + 1)
+    nxt[first + count - 1] = first
+    x, y = vertices[:, 0].astype(np.float64), vertices[:, 1].astype(np.float64)
+    area = 0.5 * np.bincount(ring_id, x * y[nxt] - x[nxt] * y, minlength=len(heads))
+    rings: dict[int, list[np.ndarray]] = {}
+    for k in np.flatnonzero(area > 0):  # heads ascend, so rings keep the old per-object order
+        ring = vertices[first[k] : first[k] + count[k]]
+        rings.setdefault(int(lab[heads[k]]), []).append(np.concatenate([ring, ring[:1]]))
+    return dict(sorted(rings.items()))
 
 
 def pixel_edge_rings(mask: np.ndarray) -> list[np.ndarray]:
-    """Closed outer rings along the pixel edges of each 4-connected component of ``mask`` (holes filled first).
-
-    Returns a list of (K+1, 2) int arrays of (x, y) pixel-corner vertices, first == last, counter-clockwise
-    (positive :func:`ring_area`), one vertex per corner (collinear vertices dropped). ``ring_area`` of each ring
-    equals the pixel count of its component after hole filling.
-
-    Hand-written because scikit-image has no pixel-edge tracer (``find_contours`` goes through edge midpoints).
-    Where two pixels touch only diagonally the tracer turns left, i.e. keeps them apart (4-connectivity); holes
-    are filled with 8-connected background, the dual choice, so every remaining ring is an outer boundary.
-    """
-    mask = ndimage.binary_fill_holes(np.asarray(mask, bool), structure=np.ones((3, 3), bool))
-    if not mask.any():
-        return []
-    starts, ends = _boundary_edges(mask)
-    width = int(max(starts[:, 0].max(), ends[:, 0].max())) + 2
-    key = lambda x, y: (int(y) + 1) * width + int(x) + 1  # noqa: E731  vertex -> int, x >= -1
-    out: dict[int, list[int]] = {}
-    for i, (x, y) in enumerate(starts):
-        out.setdefault(key(x, y), []).append(i)
-    direction = ends - starts
-
-    def successor(edge: int) -> int:
-        candidates = out[key(*ends[edge])]
-        if len(candidates) == 1:
-            return candidates[0]
-        # pinch vertex (two pixels touching diagonally): the left turn, cross(d_in, d_out) > 0, keeps them apart;
-        # this makes "successor" a permutation of the edges whose cycles are the rings
-        d = direction[edge]
-        return max(candidates, key=lambda j: d[0] * direction[j][1] - d[1] * direction[j][0])
-
-    used = np.zeros(len(starts), bool)
-    rings = []
-    for first in range(len(starts)):
-        if used[first]:
-            continue
-        ring = [starts[first]]
-        edge = first
-        while not used[edge]:
-            used[edge] = True
-            ring.append(ends[edge])
-            edge = successor(edge)
-        rings.append(_drop_collinear(np.asarray(ring, dtype=np.int64)))
-    return [r for r in rings if ring_area(r) > 0]
-
-
-def _drop_collinear(ring: np.ndarray) -> np.ndarray:
-    """Keep only the vertices where the direction changes; the ring stays closed."""
-    pts = ring[:-1]
-    d_in = pts - np.roll(pts, 1, axis=0)
-    d_out = np.roll(pts, -1, axis=0) - pts
-    corner = (d_in != d_out).any(axis=1)
-    pts = pts[corner]
-    return np.concatenate([pts, pts[:1]])
+    """:func:`label_edge_rings` of a binary ``mask``: the outer rings of its 4-connected components."""
+    return label_edge_rings(np.asarray(mask, bool).astype(np.uint8)).get(1, [])
 
 
 def _simplify(ring: np.ndarray, tolerance: float) -> np.ndarray:
@@ -155,19 +184,11 @@ def _simplify(ring: np.ndarray, tolerance: float) -> np.ndarray:
 
 
 def instance_polygons(instances: np.ndarray, tolerance: float = 0.0) -> dict[int, list[np.ndarray]]:
-    """``{instance id: [ring, ...]}`` of :func:`pixel_edge_rings` in TILE coordinates, one ring per 4-connected part.
+    """``{instance id: [ring, ...]}`` of :func:`label_edge_rings` in TILE coordinates, one ring per 4-connected part.
 
     ``tolerance`` > 0 simplifies every ring with Douglas-Peucker (max deviation in pixels; 0 = exact).
     """
-    instances = np.asarray(instances)
-    polys: dict[int, list[np.ndarray]] = {}
-    for idx, box in enumerate(ndimage.find_objects(instances), start=1):
-        if box is None:
-            continue
-        origin = np.array([box[1].start, box[0].start])  # (x, y) of the crop
-        rings = pixel_edge_rings(instances[box] == idx)
-        polys[idx] = [_simplify(r + origin, tolerance) for r in rings]
-    return polys
+    return {idx: [_simplify(r, tolerance) for r in rings] for idx, rings in label_edge_rings(instances).items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,7 +213,8 @@ def _check_inputs(image_rgb, instances, region_prob, boundary_prob) -> tuple[np.
         if m is None:
             maps.append(None)
             continue
-        m = np.asarray(m, dtype=np.float64)
+        m = np.asarray(m)
+        m = m if m.dtype.kind == "f" else m.astype(np.float64)
         if m.shape != shape:
             raise ValueError(f"exports: {name} has shape {m.shape}, instances has {shape}")
         if not np.isfinite(m).all():
@@ -217,7 +239,8 @@ def nucleus_table(
     offset: Sequence[float] = (0, 0),
     scale: float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """Per-nucleus measurements (``skimage.measure.regionprops_table``), one row per instance id, ordered by id.
+    """Per-nucleus measurements (``skimage.measure.regionprops``' definitions, computed for all nuclei at once by
+    :func:`bundle.measure.label_properties`), one row per instance id, ordered by id.
 
     Columns: ``id``; ``centroid_x``, ``centroid_y`` in the output frame (module docstring: offset + scale *
     (regionprops centroid + 0.5)); ``area_px``, ``perimeter_px`` (tile pixels, regionprops ``area`` and
@@ -227,14 +250,8 @@ def nucleus_table(
     """
     inst, img, region, boundary = _check_inputs(image_rgb, instances, region_prob, boundary_prob)
     ox, oy, s = _check_frame(offset, scale)
-    gray = img.astype(np.float64) @ np.asarray(GRAY_WEIGHTS)
-    planes = [img[..., 0], img[..., 1], img[..., 2], gray, region] + ([boundary] if boundary is not None else [])
-    stack = np.stack([np.asarray(p, np.float64) for p in planes], axis=-1)
-    props = regionprops_table(
-        inst,
-        intensity_image=stack,
-        properties=("label", "centroid", "area", "perimeter", "eccentricity", "solidity", "intensity_mean"),
-    )
+    planes = [img[..., 0], img[..., 1], img[..., 2], region] + ([boundary] if boundary is not None else [])
+    props = label_properties(inst, planes)
     table = {
         "id": props["label"].astype(np.int64),
         "centroid_x": ox + s * (props["centroid-1"] + 0.5),
@@ -246,11 +263,12 @@ def nucleus_table(
         "mean_r": props["intensity_mean-0"],
         "mean_g": props["intensity_mean-1"],
         "mean_b": props["intensity_mean-2"],
-        "mean_gray": props["intensity_mean-3"],
-        "mean_region_prob": props["intensity_mean-4"],
+        # luma is linear in R, G, B, so its mean is the luma of the channel means
+        "mean_gray": sum(w * props[f"intensity_mean-{c}"] for c, w in enumerate(GRAY_WEIGHTS)),
+        "mean_region_prob": props["intensity_mean-3"],
     }
     if boundary is not None:
-        table["mean_boundary_prob"] = props["intensity_mean-5"]
+        table["mean_boundary_prob"] = props["intensity_mean-4"]
     return table
 
 
@@ -267,8 +285,12 @@ def _table_csv(table: dict[str, np.ndarray]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # GeoJSON
 # ----------------------------------------------------------------------------------------------------------------
-def _coord(v: float) -> int | float:
-    return int(v) if float(v).is_integer() else round(float(v), 4)
+def _ring_coords(ring: np.ndarray, ox: float, oy: float, s: float) -> list[list[int | float]]:
+    """A ring's (x, y) vertices in the output frame as JSON lists: ints when every value is whole (tile pixels,
+    integer offsets), else floats rounded to 1e-4 px."""
+    xy = np.asarray(ring, np.float64) * s + (ox, oy)
+    whole = np.round(xy)
+    return whole.astype(np.int64).tolist() if np.array_equal(whole, xy) else np.round(xy, 4).tolist()
 
 
 def instances_geojson(
@@ -302,7 +324,7 @@ def instances_geojson(
     keys = [k for k in ("area_px", "centroid_x", "centroid_y", "mean_region_prob", "mean_boundary_prob") if k in table]
     features = []
     for row, idx in enumerate(table["id"].tolist()):
-        rings = [[[_coord(ox + s * x), _coord(oy + s * y)] for x, y in ring] for ring in polys[idx]]
+        rings = [_ring_coords(ring, ox, oy, s) for ring in polys[idx]]
         geometry = (
             {"type": "Polygon", "coordinates": [rings[0]]}
             if len(rings) == 1
