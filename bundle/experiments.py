@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -58,8 +59,9 @@ TABLE_METRICS = [
 ]
 
 
-def _configs(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str] = ()) -> str:
-    """``--config_file`` value: train.json, the ``pipeline`` files (e.g. evaluate.json), the variant, ``overrides``.
+def _config_files(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str] = ()) -> list[Path]:
+    """Config files in merge order: train.json, the ``pipeline`` files (e.g. evaluate.json), the variant,
+    ``overrides``.
 
     The variant comes after the pipeline files because evaluate.json re-imports train.json's ``network_def``.
     """
@@ -67,8 +69,12 @@ def _configs(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     root = Path(bundle_root())
     files = [root / "configs" / "train.json"] + [root / f for f in (*pipeline, *VARIANTS[variant])]
-    files += [Path(f).resolve() for f in overrides]
-    return "[" + ",".join(repr(str(f)) for f in files) + "]"
+    return files + [Path(f).resolve() for f in overrides]
+
+
+def _configs(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str] = ()) -> str:
+    """``--config_file`` value of :func:`_config_files`."""
+    return "[" + ",".join(repr(str(f)) for f in _config_files(variant, pipeline, overrides)) + "]"
 
 
 def _bundle_run(run_id: str, config_file: str, overrides: dict[str, Any], log_path: Path) -> None:
@@ -167,14 +173,8 @@ def _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, d
     if device:
         common["device"] = f"$torch.device('{device}')"
     log_path = out / "experiment.log"
-    done = out / "train_done.json"
     started = time.time()
-    if not done.is_file():
-        resume = (out / "models" / "checkpoint.pt").is_file()
-        epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
-        _bundle_run("training", _configs(variant, overrides=overrides), {**common, **epochs, "resume": resume}, log_path)
-        _write_json(done, {"schedule": [Path(f).name for f in overrides], "seconds": round(time.time() - started, 1)})
-    train_info = json.loads(done.read_text())
+    train_info = _train_once(variant, out, common, max_epochs, overrides, (), log_path)
     from bundle.figures import export_curves  # figures imports this module
 
     export_curves(out / "logs", Path(results_dir) / variant / f"fold{fold}_curves.csv")
@@ -189,6 +189,20 @@ def _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, d
         _copy_atomic(eval_dir / "metrics_per_image.csv", csv_path)
         _write_json(json_path, summary)
     return {"variant": variant, "fold": fold, "skipped": False, "seconds": round(time.time() - started, 1)}
+
+
+def _train_once(variant: str, out: Path, common: dict[str, Any], max_epochs: int | None, overrides: Sequence[str],
+                pipeline: Sequence[str], log_path: Path) -> dict[str, Any]:
+    """Train ``variant`` into ``out`` unless ``out/train_done.json`` says it finished (resuming from the per-epoch
+    checkpoint when there is one); returns that file's content (schedule file names, training seconds)."""
+    done = out / "train_done.json"
+    if not done.is_file():
+        started = time.time()
+        resume = (out / "models" / "checkpoint.pt").is_file()
+        epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
+        _bundle_run("training", _configs(variant, pipeline, overrides), {**common, **epochs, "resume": resume}, log_path)
+        _write_json(done, {"schedule": [Path(f).name for f in overrides], "seconds": round(time.time() - started, 1)})
+    return json.loads(done.read_text())
 
 
 def _trainer_state(run_dir: Path) -> dict[str, int | None]:
@@ -285,3 +299,204 @@ def paired_differences(results_dir: str | os.PathLike, a: str, b: str, resolutio
         if d:
             diffs[key] = {"mean": _mean_sd(d)[0], "per_fold": d}
     return {"folds": folds, "diffs": diffs}
+
+
+# --- MoNuSeg cross-organ transfer (paper Figure 5) --------------------------------------------------------------
+
+#: config files of a transfer row, merged after train.json (training) and after train.json + evaluate.json
+TRANSFER_TRAIN = ("configs/experiments/organ_transfer.json",)
+TRANSFER_EVALUATE = ("configs/evaluate.json", "configs/experiments/organ_transfer.json",
+                     "configs/experiments/organ_transfer_evaluate.json")
+_TRANSFER_CSV = re.compile(r"^train(\d+)_(train|val|test)(\d+)\.csv$")
+
+
+def transfer_csv_path(results_dir: str | os.PathLike, variant: str, row: int, fold: int, role: str) -> Path:
+    """Per-image CSV of the row-``row`` model on the tiles of ``fold`` (``role``: train, val or test for that row)."""
+    return Path(results_dir) / variant / f"train{row}_{role}{fold}.csv"
+
+
+def transfer_summary_path(results_dir: str | os.PathLike, variant: str, row: int) -> Path:
+    return Path(results_dir) / variant / f"train{row}_summary.json"
+
+
+def _config_values(files: Sequence[Path], values: dict[str, Any], keys: Sequence[str]) -> list[Any]:
+    """Parsed values of ``keys`` in the merged ``files`` with ``values`` set (what ``monai.bundle run`` sees)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    for k, v in values.items():
+        parser[k] = v
+    return [parser.get_parsed_content(k) for k in keys]
+
+
+def run_transfer_row(
+    row: int,
+    dataset_dir: str | os.PathLike,
+    runs_dir: str | os.PathLike,
+    results_dir: str | os.PathLike,
+    variant: str = "dshfn",
+    max_epochs: int | None = None,
+    device: str | None = None,
+    num_workers: int = 0,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Row ``row`` of the cross-organ transfer matrix (:mod:`bundle.transfer`): train ``variant`` on fold ``row``'s
+    organ, select the checkpoint on fold ``row + 1``, evaluate every tile once, and file the per-image rows of each
+    fold under its role for this row (``train<row>_{train,val,test}<fold>.csv``) plus ``train<row>_summary.json``.
+
+    Resumable like :func:`run_fold`: skipped when every file exists, a killed training resumes from its checkpoint,
+    one live process per row (lock file). The selected weights stay at ``runs_dir/<variant>/train<row>/models/model.pt``.
+    ``overrides``: config files merged last (the schedule; a smaller network in a smoke test).
+    """
+    from bundle.data import load_or_create_splits
+    from bundle.transfer import fold_role, transfer_folds
+
+    train_files = _config_files(variant, TRANSFER_TRAIN, overrides)
+    config = {"dataset_dir": str(dataset_dir), "fold": row}
+    split_file, n_folds, seed = _config_values(train_files, config, ("split_file", "n_folds", "seed"))
+    folds = transfer_folds(row, n_folds)
+    splits = load_or_create_splits(dataset_dir, split_file, n_folds, seed)
+    wanted = {f: transfer_csv_path(results_dir, variant, row, f, fold_role(row, f, n_folds)) for f in range(n_folds)}
+    summary_path = transfer_summary_path(results_dir, variant, row)
+    done = lambda: summary_path.is_file() and all(p.is_file() for p in wanted.values())  # noqa: E731
+    if done():
+        logger.info(f"{variant} transfer row {row}: results exist, skipped")
+        return {"variant": variant, "row": row, "skipped": True}
+    out = Path(runs_dir) / variant / f"train{row}"
+    with _RunLock(out / "run.lock") as lock:
+        if not lock.acquired:
+            logger.info(f"{variant} transfer row {row}: another live process holds {lock.path}, skipped")
+            return {"variant": variant, "row": row, "skipped": True, "busy": True}
+        if done():  # finished by another worker meanwhile
+            return {"variant": variant, "row": row, "skipped": True}
+        started = time.time()
+        common: dict[str, Any] = {**config, "output_dir": str(out), "num_workers": num_workers}
+        if device:
+            common["device"] = f"$torch.device('{device}')"
+        log_path = out / "experiment.log"
+        train_info = _train_once(variant, out, common, max_epochs, overrides, TRANSFER_TRAIN, log_path)
+        from bundle.figures import export_curves  # figures imports this module
+
+        export_curves(out / "logs", Path(results_dir) / variant / f"train{row}_curves.csv")
+        _bundle_run("evaluating", _configs(variant, TRANSFER_EVALUATE, overrides), {**common, "eval_part": "all"},
+                    log_path)
+        per_image = out / "eval" / f"fold{row}_all_model" / "metrics_per_image.csv"
+        fold_of = {i: f for f, fold in enumerate(splits["folds"]) for i in fold["ids"]}
+        header, rows = _split_rows_by_fold(per_image, fold_of)
+        columns = {}
+        for f, path in wanted.items():
+            got, expected = sorted(r[0] for r in rows.get(f, [])), sorted(splits["folds"][f]["ids"])
+            if got != expected:
+                raise RuntimeError(f"{per_image}: fold {f} has rows for {got}, expected the split's {expected}")
+            _write_csv_atomic(path, header, rows[f])
+            columns[str(f)] = {"role": fold_role(row, f, n_folds), "groups": splits["folds"][f]["groups"],
+                               "n_images": len(rows[f]), "mean": per_image_means(path)}
+        groups = lambda part: [g for f in folds[part] for g in splits["folds"][f]["groups"]]  # noqa: E731
+        _write_json(summary_path, {
+            "variant": variant, "row": row, "train_fold": folds["train"][0], "val_fold": folds["val"][0],
+            "test_folds": folds["test"], "train_groups": groups("train"), "val_groups": groups("val"),
+            "test_groups": groups("test"), "split_file": Path(split_file).name, "columns": columns,
+            "schedule": train_info.get("schedule"), "train_seconds": train_info.get("seconds"),
+            "checkpoint": _relative(out / "models" / "model.pt"), **_trainer_state(out), **_best_validation(out),
+        })
+        return {"variant": variant, "row": row, "skipped": False, "seconds": round(time.time() - started, 1)}
+
+
+def _split_rows_by_fold(csv_path: Path, fold_of: dict[str, int]) -> tuple[list[str], dict[int, list[list[str]]]]:
+    """(header, {fold: rows}) of a per-image CSV whose first column is the image id; columns reordered to id,
+    filename, the pixel metrics of :data:`TABLE_METRICS`, then the rest (instance metrics) as they came."""
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        first = ["id", "filename", *(key for key, _, _ in TABLE_METRICS)]
+        order = [header.index(c) for c in first if c in header] + [i for i, c in enumerate(header) if c not in first]
+        rows: dict[int, list[list[str]]] = {}
+        for r in reader:
+            if r[0] not in fold_of:
+                raise RuntimeError(f"{csv_path}: image {r[0]!r} is in no fold of the split file")
+            rows.setdefault(fold_of[r[0]], []).append([r[i] for i in order])
+    return [header[i] for i in order], rows
+
+
+def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    import io
+
+    from bundle.io import write_text_atomic
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the bundle root when it lies inside it (portable in committed JSON)."""
+    try:
+        return str(path.resolve().relative_to(bundle_root()))
+    except ValueError:
+        return str(path)
+
+
+def _best_validation(run_dir: Path) -> dict[str, float | int | None]:
+    """Validation Dice of the selected checkpoint and its epoch, from the run's resumable checkpoint."""
+    ckpt = run_dir / "models" / "checkpoint.pt"
+    if not ckpt.is_file():
+        return {"best_val_dice": None, "best_val_epoch": None}
+    import torch
+
+    best = torch.load(ckpt, map_location="cpu", weights_only=False).get("validator_best") or {}
+    return {"best_val_dice": best.get("best_metric"), "best_val_epoch": best.get("best_metric_epoch")}
+
+
+def transfer_matrix(results_dir: str | os.PathLike, variant: str = "dshfn",
+                    metric: str = "dice") -> dict[tuple[int, int], tuple[str, float]]:
+    """``{(training fold, evaluated fold): (role, mean of metric over that fold's tiles)}`` from the per-image CSVs
+    ``train<i>_<role><j>.csv`` in ``results_dir/<variant>``; cells whose CSV lacks the metric are left out."""
+    cells: dict[tuple[int, int], tuple[str, float]] = {}
+    for path in sorted(Path(results_dir, variant).glob("train*.csv")):
+        match = _TRANSFER_CSV.match(path.name)
+        if not match:
+            continue  # train<i>_curves.csv
+        means = per_image_means(path)
+        if metric in means:
+            cells[(int(match.group(1)), int(match.group(3)))] = (match.group(2), means[metric])
+    return cells
+
+
+def transfer_fold_names(results_dir: str | os.PathLike, variant: str = "dshfn") -> dict[int, str]:
+    """``{fold: "kidney"}`` (groups joined by "+") from the rows' summary JSONs in ``results_dir/<variant>``."""
+    names: dict[int, str] = {}
+    for path in sorted(Path(results_dir, variant).glob("train*_summary.json")):
+        for fold, column in json.loads(path.read_text()).get("columns", {}).items():
+            names[int(fold)] = "+".join(column.get("groups") or [f"fold {fold}"])
+    return names
+
+
+def transfer_table(results_dir: str | os.PathLike, variant: str = "dshfn", metric: str = "dice",
+                   names: dict[int, str] | None = None) -> str:
+    """Markdown matrix of ``metric``: rows = training organ, columns = evaluated organ. Test cells are plain
+    numbers; the row's validation organ (model selection) and its training organ are marked *val* and *train*.
+    Last column: the mean of the row's test cells; last row: the mean of each column's test cells."""
+    cells = transfer_matrix(results_dir, variant, metric)
+    names = names if names is not None else transfer_fold_names(results_dir, variant)
+    rows = sorted({i for i, _ in cells})
+    folds = sorted({j for _, j in cells} | set(names))
+    label = lambda f: f"{f} {names[f]}" if f in names else str(f)  # noqa: E731
+    lines = [f"| {metric}: train \\ test | " + " | ".join(label(f) for f in folds) + " | mean (test) |",
+             "|" + "---|" * (len(folds) + 2)]
+    for i in rows:
+        out = []
+        for j in folds:
+            role, value = cells.get((i, j), ("", math.nan))
+            out.append("–" if not role else f"{value:.3f}" if role == "test" else f"*{role} {value:.3f}*")
+        tests = [v for (r, j), (role, v) in cells.items() if r == i and role == "test"]
+        out.append(f"{sum(tests) / len(tests):.3f}" if tests else "–")
+        lines.append(f"| {label(i)} | " + " | ".join(out) + " |")
+    col_means = []
+    for j in folds:
+        tests = [v for (_, c), (role, v) in cells.items() if c == j and role == "test"]
+        col_means.append(f"{sum(tests) / len(tests):.3f}" if tests else "–")
+    lines.append("| mean (test) | " + " | ".join(col_means) + " | |")
+    return "\n".join(lines)

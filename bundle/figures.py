@@ -5,7 +5,8 @@
 * :func:`plot_curves`, :func:`plot_metric_bars`: training curves and mean +- SD bars (matplotlib, an optional
   extra: ``pip install -r requirements-figures.txt``);
 * :func:`qualitative_grid`: image with true (green) and predicted (red) contours for tiles of several patients
-  (PIL only), via :func:`bundle.visualize.contour_overlay`.
+  (PIL only), via :func:`bundle.visualize.contour_overlay`;
+* :func:`plot_transfer_heatmap`: the cross-organ transfer matrix (paper Figure 5) as a heatmap (matplotlib).
 """
 
 from __future__ import annotations
@@ -117,6 +118,56 @@ def plot_metric_bars(results_dir: str | os.PathLike, variants: Sequence[str], ou
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
         ax.set_title(labels.get(key, key))
     fig.suptitle(f"test folds, {resolution} resolution (dots: folds)", fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, out_png)
+    plt.close(fig)
+    return out
+
+
+def plot_transfer_heatmap(results_dir: str | os.PathLike, out_png: str | os.PathLike, variant: str = "dshfn",
+                          metric: str = "dice", title: str | None = None) -> Path:
+    """Heatmap of the cross-organ transfer matrix: rows = training organ, columns = evaluated organ, colour and
+    number = mean ``metric`` over the column's tiles. Only test cells are coloured; each row's validation organ
+    (it chose the checkpoint) and training organ are hatched grey and labelled "val" / "train"."""
+    from matplotlib.patches import Rectangle
+
+    from bundle.experiments import transfer_fold_names, transfer_matrix  # lazily: new names of that module
+
+    plt = _pyplot()
+    cells = transfer_matrix(results_dir, variant, metric)
+    if not cells:
+        raise FileNotFoundError(f"{Path(results_dir) / variant}: no train<i>_<role><j>.csv with a '{metric}' column; "
+                                "run `python scripts/experiments.py transfer` first")
+    names = transfer_fold_names(results_dir, variant)
+    rows = sorted({i for i, _ in cells})
+    cols = sorted({j for _, j in cells} | set(names))
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for (i, j), (role, value) in cells.items():
+        if role == "test":
+            grid[rows.index(i), cols.index(j)] = value
+    lower_better = metric.startswith("hd")
+    fig, ax = plt.subplots(figsize=(1.25 * len(cols) + 2.2, 0.9 * len(rows) + 1.6))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r" if lower_better else "viridis",
+                      vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0, vmax=np.nanmax(grid) if np.isfinite(grid).any() else 1)
+    for (i, j), (role, value) in cells.items():
+        r, c = rows.index(i), cols.index(j)
+        text = f"{value:.3f}" if metric not in ("hd", "hd95") else f"{value:.1f}"
+        if role == "test":
+            rgba = image.cmap(image.norm(value))
+            dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+            ax.text(c, r, text, ha="center", va="center", fontsize=9, color="white" if dark else "black")
+        else:
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, facecolor="#e6e6e6", edgecolor="#9a9a9a", hatch="//", lw=0))
+            ax.text(c, r, f"{role}\n{text}", ha="center", va="center", fontsize=8, color="#444444",
+                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+    label = lambda f: f"{f}: {names[f]}" if f in names else str(f)  # noqa: E731
+    ax.set_xticks(range(len(cols)), [label(f) for f in cols], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [label(f) for f in rows], fontsize=8)
+    ax.set_xlabel("tested on (organ group)")
+    ax.set_ylabel("trained on (organ group)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=f"mean {metric} (test cells)")
+    ax.set_title(title or f"{variant}: cross-organ transfer, mean {metric} per tile\n"
+                 "hatched: val = model selection organ, train = training organ (not test results)", fontsize=9)
     fig.tight_layout()
     out = _save(fig, out_png)
     plt.close(fig)

@@ -7,6 +7,9 @@
     python scripts/experiments.py run --variants ablations --folds 0 1 --dataset_dir ../shared/data/tnbc
     # tables (mean +- SD over folds) from the committed per-image CSVs
     python scripts/experiments.py table --results_dir docs/results/tnbc_cpu_40ep --resolution paper
+    # MoNuSeg cross-organ transfer (paper Figure 5): train on one organ group, test on the others (resumable)
+    python scripts/experiments.py transfer --dataset_dir ../shared/data/monuseg --rows 0 1 2 3 4
+    python scripts/experiments.py transfer-table --results_dir docs/results/monuseg_transfer_cpu_40ep
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.experiments import ABLATIONS, RESOLUTIONS, VARIANTS, run_fold, summarise  # noqa: E402
+from bundle.experiments import (  # noqa: E402
+    ABLATIONS,
+    RESOLUTIONS,
+    VARIANTS,
+    run_fold,
+    run_transfer_row,
+    summarise,
+    transfer_table,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,11 +54,42 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--resolution", choices=RESOLUTIONS, default="paper")
     table.add_argument("--variants", nargs="+", default=None)
     table.add_argument("--folds", nargs="+", type=int, default=None, help="only these folds (default: every fold found)")
+    transfer = sub.add_parser("transfer", help="cross-organ transfer rows (paper Figure 5): train on one fold's "
+                              "organ, select on the next fold, test on the rest (skips what is done, resumes the rest)")
+    transfer.add_argument("--rows", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training folds (organ groups)")
+    transfer.add_argument("--variant", choices=sorted(VARIANTS), default="dshfn")
+    transfer.add_argument("--schedule", default="configs/schedules/cpu_40ep.json")
+    transfer.add_argument("--max_epochs", type=int, default=None, help="override the schedule's epochs (smoke runs)")
+    transfer.add_argument("--dataset_dir", required=True, help="a dataset grouped by organ, e.g. ../shared/data/monuseg")
+    transfer.add_argument("--runs_dir", default="runs/experiments", help="checkpoints and logs (not committed)")
+    transfer.add_argument("--results_dir", default=None,
+                          help="per-image CSVs and summaries (default docs/results/<dataset>_transfer_<schedule name>)")
+    transfer.add_argument("--device", default=None)
+    transfer.add_argument("--num_workers", type=int, default=0)
+    ttable = sub.add_parser("transfer-table", help="markdown matrix, rows = training organ, columns = tested organ")
+    ttable.add_argument("--results_dir", required=True)
+    ttable.add_argument("--variant", default="dshfn")
+    ttable.add_argument("--metric", default="dice", help="a per-image CSV column: dice, bf1, hd95, aji, pq, ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     if args.command == "table":
         print(summarise(args.results_dir, args.variants, args.resolution, args.folds))
+        return 0
+    if args.command == "transfer-table":
+        print(transfer_table(args.results_dir, args.variant, args.metric))
+        return 0
+    if args.command == "transfer":
+        dataset = os.path.basename(os.path.normpath(args.dataset_dir))
+        schedule = os.path.splitext(os.path.basename(args.schedule))[0]
+        results_dir = args.results_dir or os.path.join("docs", "results", f"{dataset}_transfer_{schedule}")
+        for row in args.rows:
+            result = run_transfer_row(row, args.dataset_dir, os.path.join(args.runs_dir, f"{dataset}_transfer"),
+                                      results_dir, args.variant, args.max_epochs, device=args.device,
+                                      num_workers=args.num_workers, overrides=[args.schedule])
+            logging.info(f"{result}")
+        print(f"\n## {dataset} cross-organ transfer, {args.variant}\n")
+        print(transfer_table(results_dir, args.variant))
         return 0
     variants = [v for name in args.variants for v in (ABLATIONS if name == "ablations" else [name])]
     unknown = sorted(set(variants) - set(VARIANTS))

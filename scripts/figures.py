@@ -1,6 +1,7 @@
 """Figures of the experiments (issue 7): a thin command line over :mod:`bundle.figures`.
 
-Needs matplotlib for curves and bars (pip install -r requirements-figures.txt); qualitative overlays need PIL only.
+Needs matplotlib for curves, bars and the transfer heatmap (pip install -r requirements-figures.txt); qualitative
+overlays need PIL only.
 
     python scripts/figures.py curves --results_dir docs/results/tnbc_cpu_40ep --variants dshfn basic_unet \\
         --out docs/figures/tnbc_cpu_40ep_curves.png
@@ -10,6 +11,9 @@ Needs matplotlib for curves and bars (pip install -r requirements-figures.txt); 
     # (git-ignored): pictures of the data are never committed
     python scripts/figures.py qualitative --variant dshfn --fold 0 --run_dir runs/experiments/tnbc/dshfn/fold0 \\
         --dataset_dir ../shared/data/tnbc --out runs/figures/dshfn_fold0_val.png
+    # MoNuSeg cross-organ transfer matrix (paper Figure 5) from the committed per-image CSVs
+    python scripts/figures.py transfer --results_dir docs/results/monuseg_transfer_cpu_40ep \\
+        --out docs/figures/monuseg_transfer_heatmap.png
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bundle.experiments import RESOLUTIONS, VARIANTS  # noqa: E402
-from bundle.figures import plot_curves, plot_metric_bars, prediction_panels, qualitative_grid  # noqa: E402
+from bundle.figures import (  # noqa: E402
+    plot_curves,
+    plot_metric_bars,
+    plot_transfer_heatmap,
+    prediction_panels,
+    qualitative_grid,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--part", choices=("train", "val", "test"), default="val")
     q.add_argument("--max_panels", type=int, default=8)
     q.add_argument("--out", required=True)
+    t = sub.add_parser("transfer", help="cross-organ transfer heatmap (rows = training organ, columns = tested organ)")
+    t.add_argument("--results_dir", required=True)
+    t.add_argument("--variant", default="dshfn")
+    t.add_argument("--metric", default="dice", help="a per-image CSV column: dice, bf1, hd95, aji, pq, ...")
+    t.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    if args.command == "curves":
+    if args.command == "transfer":
+        out = plot_transfer_heatmap(args.results_dir, args.out, args.variant, args.metric)
+    elif args.command == "curves":
         out = plot_curves(args.results_dir, args.variants, args.out)
     elif args.command == "bars":
         out = plot_metric_bars(args.results_dir, args.variants, args.out, args.resolution)
