@@ -46,6 +46,8 @@ __all__ = [
     "remove_small_instances",
     "fill_instance_holes",
     "relabel_consecutive",
+    "nearest_index",
+    "upsample_labels",
     "score_watershed",
     "tune_watershed",
 ]
@@ -260,6 +262,23 @@ def instances_from_maps(
     if p.fill_holes:
         instances = fill_instance_holes(instances)
     return relabel_consecutive(instances)
+
+
+def nearest_index(n_out: int, n_in: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Source pixel of output pixels ``start..stop`` of a nearest resize ``n_in -> n_out`` along one axis, with
+    PyTorch's ``"nearest-exact"`` rule (pixel centres: ``floor((i + 0.5) * n_in / n_out)``), the label mode of
+    ``bundle.inference.ToModelScaled``."""
+    stop = n_out if stop is None else stop
+    if not 0 <= start <= stop <= n_out:
+        raise ValueError(f"nearest_index: window [{start}, {stop}) is not inside 0..{n_out}")
+    i = np.arange(start, stop, dtype=np.float64)
+    return np.minimum(np.floor((i + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
+
+
+def upsample_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``labels`` (h, w) resized to ``shape`` by :func:`nearest_index` (ids unchanged)."""
+    labels = np.asarray(labels)
+    return labels[nearest_index(shape[0], labels.shape[0])][:, nearest_index(shape[1], labels.shape[1])]
 
 
 def instances_from_output(output: Any, params: WatershedParams | None = None, **overrides: Any) -> np.ndarray:

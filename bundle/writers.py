@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from bundle.inference import tile_id
+from bundle.inference import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, scale_factor, tile_id
 from bundle.io import DataError, atomic_write, read_image, write_png_atomic, write_text_atomic
 from bundle.postprocessing import BOUNDARY, REGION
 
@@ -67,6 +67,11 @@ class TileWriter:
     from the batch key ``rgb`` (a copy made right after loading; re-read from the file if absent). The mask is
     written last: its presence marks a finished tile (see :func:`bundle.inference.tile_datalist`).
 
+    ``post_scale="model"`` (default, as ``scripts/segment.py``): the watershed runs on the network's model-scale
+    output, the item's ``pred_model`` (a copy of ``pred`` made before ``Invertd``; centre-cropped here to the
+    tile's model size, undoing ``SpatialPadd``), and the labels are resized to the tile by nearest-exact;
+    ``"native"``: on ``pred`` itself. The ``watershed`` sizes are pixels of that grid.
+
     Items marked ``{"image": path, "error": message}`` (:class:`bundle.tiling.GuardedDataset`: a tile that
     could not be read) are logged and counted as failed, and so is a tile whose outputs cannot be written; the
     rest of the run goes on. At the end of the run the counts of every rank are gathered and rank 0 logs them and
@@ -85,6 +90,9 @@ class TileWriter:
         tolerance: float = 0.0,
         skipped: int = 0,
         summary_file: str | None = "inference_summary.json",
+        post_scale: str = "model",
+        pixel_size: float = DEFAULT_PIXEL_SIZE,
+        model_pixel_size: float = MODEL_PIXEL_SIZE,
     ) -> None:
         from bundle.exports import FORMATS
         from bundle.instances import WatershedParams
@@ -101,6 +109,10 @@ class TileWriter:
             self.watershed = watershed or WatershedParams()
         else:
             self.watershed = WatershedParams.from_dict(watershed)
+        if post_scale not in ("model", "native"):
+            raise ValueError(f"TileWriter: post_scale must be 'model' or 'native', got {post_scale!r}")
+        self.post_scale = post_scale
+        self.factor = scale_factor(pixel_size, model_pixel_size)
         self.tolerance = tolerance
         self.skipped = int(skipped)
         self.summary_file = summary_file
@@ -139,7 +151,7 @@ class TileWriter:
                 paths["nifti"] = self.output_dir / f"{stem}_pred.nii.gz"
                 write_nifti_atomic(paths["nifti"], pred)
             if self.formats:
-                paths.update(self.write_nuclei(stem, name, pred, data))
+                paths.update(self.write_nuclei(stem, name, pred, data, item.get("pred_model")))
         except (DataError, ValueError) as exc:
             self._fail(name, f"{type(exc).__name__}: {exc}")
             return {}
@@ -148,10 +160,27 @@ class TileWriter:
         self.done.append(stem)
         return paths
 
-    def write_nuclei(self, stem: str, name: str, pred: np.ndarray, data: dict | None) -> dict[str, Path]:
+    def instances(self, pred: np.ndarray, pred_model: Any = None) -> np.ndarray:
+        """Nucleus instances of one tile at its native size (class docstring: ``post_scale``)."""
+        from bundle.instances import instances_from_output, upsample_labels
+        from bundle.tiling import model_size
+
+        if self.post_scale == "native":
+            return instances_from_output(pred, self.watershed)
+        if pred_model is None:
+            raise ValueError("post_scale='model' needs the model-scale prediction 'pred_model' (configs/inference.json "
+                             "copies it before Invertd); set post_scale to 'native' otherwise")
+        pm = pred_model.detach().cpu().numpy() if isinstance(pred_model, torch.Tensor) else np.asarray(pred_model)
+        h, w = pred.shape[1:]
+        hm, wm = model_size(h, self.factor), model_size(w, self.factor)
+        top, left = (pm.shape[1] - hm) // 2, (pm.shape[2] - wm) // 2  # SpatialPadd "symmetric": half before
+        if top < 0 or left < 0:
+            raise ValueError(f"model-scale prediction {pm.shape[1:]} is smaller than the tile's model size {(hm, wm)}")
+        return upsample_labels(instances_from_output(pm[:, top : top + hm, left : left + wm], self.watershed), (h, w))
+
+    def write_nuclei(self, stem: str, name: str, pred: np.ndarray, data: dict | None, pred_model: Any = None) -> dict[str, Path]:
         """Instances by watershed on the region/boundary maps, then the ``formats`` outputs of the tile."""
         from bundle.exports import write_tile_outputs
-        from bundle.instances import instances_from_output
 
         rgb = None if data is None else data.get("rgb")
         if rgb is None:
@@ -161,7 +190,7 @@ class TileWriter:
             rgb = np.clip(np.rint(np.moveaxis(rgb, 0, -1)), 0, 255).astype(np.uint8)
         if rgb.shape[:2] != pred.shape[1:]:
             raise ValueError(f"tile RGB {rgb.shape[:2]} and prediction {pred.shape[1:]} differ in size")
-        instances = instances_from_output(pred, self.watershed)
+        instances = self.instances(pred, pred_model)
         self.nuclei += int(instances.max(initial=0))
         boundary = pred[BOUNDARY] if pred.shape[0] > BOUNDARY else None
         out = write_tile_outputs(self.output_dir, stem, rgb, instances, pred[REGION], boundary, self.formats,

@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU) where a suite supports it")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (median is reported)")
     parser.add_argument("--quick", action="store_true", help="smaller inputs, for a smoke run")
+    parser.add_argument("--post_scale", choices=["model", "native"], default="model",
+                        help="inference suite: watershed on the model-scale maps (default) or on native-size maps")
     parser.add_argument("--json", help="write all rows to this JSON file")
     args = parser.parse_args(argv)
 

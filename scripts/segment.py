@@ -55,12 +55,14 @@ def load_settings(config_files: list[str]) -> dict:
         "overlap": float(get("overlap", 0.25)),
         "sw_batch_size": int(get("sw_batch_size", 8)),
         "model_pixel_size": float(get("model_pixel_size", 0.5)),
+        "post_scale": str(get("post_scale", "model")),
     }
 
 
 def segment_file(path: Path, args: argparse.Namespace, predictor, settings: dict) -> dict:
     """One image: a slide (one GeoJSON in level-0 pixels) or a tile of any size (label map + exports)."""
-    chunking = {"chunk": args.chunk, "halo": args.halo, "roi": settings["roi"], "post_chunk": args.post_chunk}
+    chunking = {"chunk": args.chunk, "halo": args.halo, "roi": settings["roi"], "post_chunk": args.post_chunk,
+                "post_scale": settings["post_scale"]}
     out_dir = Path(args.output_dir)
     if args.slide == "yes" or (args.slide == "auto" and (args.level > 0 or is_slide(path))):
         formats = [f for f in args.formats if f in ("geojson", "csv")] or ["geojson"]

@@ -179,3 +179,20 @@ def test_params_round_trip_and_bad_input():
         tune_watershed([])
     with pytest.raises(ValueError, match="unknown grid"):
         tune_watershed([(region, None, np.zeros((8, 8), int))], {"radius": (1,)})
+
+
+@pytest.mark.parametrize("n_in,n_out", [(500, 1000), (256, 512), (300, 1000), (517, 131), (7, 7)])
+def test_upsample_labels_equals_torch_nearest_exact(n_in, n_out):
+    import torch
+    import torch.nn.functional as F
+
+    from bundle.instances import nearest_index, upsample_labels
+
+    labels = np.random.default_rng(0).integers(0, 50, (n_in, n_in + 3)).astype(np.int32)
+    shape = (n_out, n_out + 5)
+    ref = F.interpolate(torch.from_numpy(labels.astype(np.float64))[None, None], size=shape, mode="nearest-exact")[0, 0]
+    np.testing.assert_array_equal(upsample_labels(labels, shape), ref.numpy().astype(np.int32))
+    a, b = n_out // 3, n_out // 2  # a window
+    np.testing.assert_array_equal(nearest_index(n_out, n_in, a, b), nearest_index(n_out, n_in)[a:b])
+    with pytest.raises(ValueError, match="window"):
+        nearest_index(n_out, n_in, 0, n_out + 1)

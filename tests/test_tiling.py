@@ -96,6 +96,12 @@ def test_reinhard_gray_equals_transforms_with_whole_image_statistics(tnbc_dir):
     np.testing.assert_allclose(reinhard_gray(rgb, stats.lab_mean, stats.lab_std, REF), expected, atol=0.02)
     ours = np.clip(reinhard_gray(rgb, stats.lab_mean, stats.lab_std, REF) / 255.0, 0, 1)
     assert stats.gray_mean == pytest.approx(ours.mean(), abs=1e-5) and stats.gray_std == pytest.approx(ours.std(), abs=1e-5)
+    # the whole image was converted for the statistics: its gray is kept for the chunk pass, bit for bit
+    np.testing.assert_array_equal(stats.gray, reinhard_gray(rgb, stats.lab_mean, stats.lab_std, REF))
+    # not when the statistics saw only part of it (subsampled, several blocks, or tissue only)
+    assert image_statistics(ArraySource(rgb), REF, max_pixels=10_000).gray is None
+    assert image_statistics(ArraySource(rgb), REF, block=128).gray is None
+    assert image_statistics(ArraySource(rgb), REF, tissue_only=True).gray is None
 
 
 # ---------------------------------------------------------------------------------------------- resampling
@@ -199,8 +205,8 @@ def _border_disks(shape, chunk_native, radius):
     return keep
 
 
-@pytest.mark.parametrize("pixel_size", [0.25, 0.5])
-def test_nuclei_on_chunk_borders_are_neither_duplicated_nor_cut(pixel_size, tmp_path):
+@pytest.mark.parametrize("pixel_size,post_scale", [(0.25, "model"), (0.5, "model"), (0.25, "native")])
+def test_nuclei_on_chunk_borders_are_neither_duplicated_nor_cut(pixel_size, post_scale, tmp_path):
     f = pixel_size / 0.5
     shape = (304, 336)
     chunk = 48  # model px; cores are 48 px at model scale = 48 / f native px
@@ -212,7 +218,7 @@ def test_nuclei_on_chunk_borders_are_neither_duplicated_nor_cut(pixel_size, tmp_
     for name, kw in {"chunked": dict(chunk=chunk, halo=16, post_chunk=40, post_halo=20),
                      "whole": dict(chunk=1000, halo=16, post_chunk=1000)}.items():
         out = TileOutputs(tmp_path / name, "syn", shape, formats=("png",))
-        summary = segment_image(source, predictor, out, REF, pixel_size, roi=32, **kw)
+        summary = segment_image(source, predictor, out, REF, pixel_size, roi=32, post_scale=post_scale, **kw)
         out.close(source)
         runs[name] = (summary, out.labels.astype(np.int64))
     (s_chunk, chunked), (s_whole, whole) = runs["chunked"], runs["whole"]

@@ -16,8 +16,10 @@ since on a shared machine other processes only ever add time):
 * ``network``: DS-HFN (config width, random weights: the cost does not depend on them) through MONAI's
   ``SlidingWindowInferer`` (256 px windows, overlap 0.25, batch 8), at model scale (1000 px at 0.25 um/px ->
   500 px);
-* ``post-processing``: maps back to the tile's size (bilinear), marker watershed
-  (:func:`bundle.instances.instances_from_maps`), nucleus table, GeoJSON polygons and overlay in memory;
+* ``post-processing``: the engine's :func:`bundle.tiling.segment_blocks` (maps back to the tile's size, bilinear;
+  marker watershed :func:`bundle.instances.instances_from_maps` on the model-scale maps, labels resized to the
+  tile, or on the native maps with ``--post_scale native``), then the nucleus table, GeoJSON polygons and
+  overlay in memory;
 * ``writing``: uint16 label PNG, GeoJSON, CSV and overlay PNG, atomically.
 
 Post-processing runs on maps made from the tile's ground-truth labels (region = label > 0, boundary = inner
@@ -84,12 +86,12 @@ def run(args: Any) -> list[dict]:
 
     from bundle.exports import _table_csv, instance_overlay, instances_geojson, nucleus_table, write_instance_map
     from bundle.inference import ToModelScaled
-    from bundle.instances import instances_from_maps
     from bundle.io import read_image, read_label, write_png_atomic, write_text_atomic
     from bundle.network import DSHFN
+    from bundle.instances import WatershedParams
     from bundle.tiling import (
-        ArraySource, SlidingWindowPredictor, image_statistics, model_size, reinhard_gray, resample_matrix,
-        to_model_scale,
+        ArraySource, ChunkMaps, SlidingWindowPredictor, chunk_grid, image_statistics, model_size, reinhard_gray,
+        segment_blocks, to_model_scale,
     )
     from bundle.transforms import Grayscale, ReinhardNormalize
 
@@ -112,9 +114,9 @@ def run(args: Any) -> list[dict]:
     h, w = rgb.shape[:2]
     hm, wm = model_size(h, 0.5), model_size(w, 0.5)
 
-    def normalise() -> np.ndarray:
+    def normalise() -> np.ndarray:  # what predict_chunks does for a tile that is one chunk
         stats = image_statistics(ArraySource(rgb), REFERENCE)
-        gray = reinhard_gray(rgb, stats.lab_mean, stats.lab_std, REFERENCE)
+        gray = stats.gray if stats.gray is not None else reinhard_gray(rgb, stats.lab_mean, stats.lab_std, REFERENCE)
         x = to_model_scale(gray, (0, h), (0, w), (0, hm), (0, wm), (h, w), (hm, wm))
         return ((np.clip(x / 255.0, 0, 1) - stats.gray_mean) / stats.gray_std).astype(np.float32)
 
@@ -136,14 +138,15 @@ def run(args: Any) -> list[dict]:
     boundary = find_boundaries(label, mode="inner").astype(np.float32)
     # the maps come back at model scale: downsample the label maps, as the network would see them
     down = [to_model_scale(m, (0, h), (0, w), (0, hm), (0, wm), (h, w), (hm, wm)).clip(0, 1) for m in (region, boundary)]
-    ry, rx = resample_matrix((0, h), (0, hm), h, hm, "bilinear"), resample_matrix((0, w), (0, wm), w, wm, "bilinear")
+    (gy,), (gx,) = chunk_grid(h, hm, hm, 64, 256, 192), chunk_grid(w, wm, wm, 64, 256, 192)
+    maps = ChunkMaps(gy, gx, down[0], down[1], rgb)
+    post_scale = getattr(args, "post_scale", "model")
 
-    def postprocess() -> dict:
-        up = [np.asarray((rx @ np.asarray(ry @ m).T).T, np.float32) for m in down]
-        inst = instances_from_maps(up[0], up[1])
-        table = nucleus_table(rgb, inst, up[0], up[1])
-        geo = instances_geojson(inst, up[0], rgb, up[1], tile_id="bench", table=table)
-        return {"inst": inst, "table": table, "geo": geo, "overlay": instance_overlay(rgb, inst)}
+    def postprocess() -> dict:  # the engine's blocks (one for a 1000 x 1000 tile), then what TileOutputs builds
+        (block,) = segment_blocks(maps, (h, w), (hm, wm), WatershedParams(), post_chunk=max(h, w), post_scale=post_scale)
+        table = nucleus_table(block.rgb, block.instances, block.region, block.boundary)
+        geo = instances_geojson(block.instances, block.region, block.rgb, block.boundary, tile_id="bench", table=table)
+        return {"inst": block.instances, "table": table, "geo": geo, "overlay": instance_overlay(rgb, block.instances)}
 
     out = timed("post-processing", postprocess)
 
