@@ -31,7 +31,7 @@ from skimage.measure import approximate_polygon
 from skimage.segmentation import find_boundaries
 
 from bundle.io import atomic_write, write_png_atomic, write_text_atomic
-from bundle.measure import label_properties
+from bundle.measure import border_pixels, label_properties
 from bundle.visualize import PRED_RGB
 
 __all__ = [
@@ -79,15 +79,17 @@ def _label_edges(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     parts = []
     # horizontal edges on the line y = r between padded rows r-1 (a) and r (b)
     a, b = p[:-1, :], p[1:, :]
-    r, c = np.nonzero((a != b) & (b > 0))  # interior below: walk +x
+    differ = a != b
+    r, c = np.nonzero(differ & (b > 0))  # interior below: walk +x
     parts.append((b[r, c], c, r + 1, c + 1, r + 1))
-    r, c = np.nonzero((a != b) & (a > 0))  # interior above: walk -x
+    r, c = np.nonzero(differ & (a > 0))  # interior above: walk -x
     parts.append((a[r, c], c + 1, r + 1, c, r + 1))
     # vertical edges on the line x = c between padded columns c-1 (left) and c (right)
     left, right = p[:, :-1], p[:, 1:]
-    r, c = np.nonzero((left != right) & (left > 0))  # interior on the left (smaller x): walk +y
+    differ = left != right
+    r, c = np.nonzero(differ & (left > 0))  # interior on the left (smaller x): walk +y
     parts.append((left[r, c], c + 1, r, c + 1, r + 1))
-    r, c = np.nonzero((left != right) & (right > 0))  # interior on the right: walk -y
+    r, c = np.nonzero(differ & (right > 0))  # interior on the right: walk -y
     parts.append((right[r, c], c + 1, r + 1, c + 1, r))
     lab, sx, sy, ex, ey = (np.concatenate(x).astype(np.int64) for x in zip(*parts))
     # padded -> unpadded coordinates
@@ -110,7 +112,7 @@ def label_edge_rings(labels: np.ndarray) -> dict[int, list[np.ndarray]]:
     labels = np.asarray(labels)
     if labels.ndim != 2 or not labels.any():
         return {}
-    lab, starts, ends = _label_edges(labels.astype(np.int64, copy=False))
+    lab, starts, ends = _label_edges(labels)
     n = len(lab)
     width = labels.shape[1] + 2
     corners = (labels.shape[0] + 2) * width
@@ -220,7 +222,7 @@ def _check_inputs(image_rgb, instances, region_prob, boundary_prob) -> tuple[np.
         if not np.isfinite(m).all():
             raise ValueError(f"exports: {name} contains NaN or infinite values")
         maps.append(m)
-    return inst.astype(np.int64, copy=False), img, maps[0], maps[1]
+    return inst, img, maps[0], maps[1]
 
 
 def _check_frame(offset: Sequence[float], scale: float) -> tuple[float, float, float]:
@@ -250,7 +252,7 @@ def nucleus_table(
     """
     inst, img, region, boundary = _check_inputs(image_rgb, instances, region_prob, boundary_prob)
     ox, oy, s = _check_frame(offset, scale)
-    planes = [img[..., 0], img[..., 1], img[..., 2], region] + ([boundary] if boundary is not None else [])
+    planes = [img, region] + ([boundary] if boundary is not None else [])
     props = label_properties(inst, planes)
     table = {
         "id": props["label"].astype(np.int64),
@@ -363,7 +365,7 @@ def instance_overlay(image_rgb: np.ndarray, instances: np.ndarray, color: Sequen
     if img.shape[:2] != inst.shape or img.dtype != np.uint8:
         raise ValueError(f"instance_overlay: image {img.dtype} {img.shape} does not match instances {inst.shape}")
     out = img.copy()
-    out[find_boundaries(inst, mode="inner", connectivity=1, background=0)] = np.asarray(color, np.uint8)
+    out[border_pixels(inst, image_edge=False)] = np.asarray(color, np.uint8)  # = find_boundaries(mode="inner")
     return out
 
 

@@ -156,19 +156,29 @@ def remove_small_instances(labels: np.ndarray, min_size: int) -> np.ndarray:
 def fill_instance_holes(labels: np.ndarray) -> np.ndarray:
     """Give each background region enclosed by ONE instance (8-connected ring, holes 4-connected) that instance's id.
 
-    Equivalent to MONAI's ``FillHoles`` on a label map, but works inside each instance's bounding box:
-    MONAI dilates over the whole image once per label, O(N * H * W), too slow for 1000-nucleus tiles.
+    A 4-connected background component that does not reach the image border and whose 4-neighbours all belong to
+    one instance is a hole of that instance (MONAI's ``FillHoles(connectivity=1)`` on a label map, tested against
+    it). Written as one labelling of the background because MONAI dilates over the whole image once per label,
+    O(N * H * W), too slow for 1000-nucleus tiles.
     """
     labels = np.asarray(labels)
+    comp, n = ndimage.label(labels == 0)  # scipy's default structure: 4-connected
+    enclosed = np.ones(n + 1, bool)
+    enclosed[0] = False
+    enclosed[np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]])] = False  # reaches the border: outside
+    if not enclosed.any():
+        return labels.copy()
+    rows, cols = np.nonzero(enclosed[comp])  # the few pixels of enclosed components (never on the border)
+    c = comp[rows, cols]
+    around = np.stack([labels[rows - 1, cols], labels[rows + 1, cols], labels[rows, cols - 1], labels[rows, cols + 1]], 1)
+    around = np.where(around > 0, around, -1).astype(np.int64)  # background neighbours: same component, ignored
+    lo = np.full(n + 1, np.iinfo(np.int64).max)
+    hi = np.full(n + 1, -1, np.int64)
+    np.minimum.at(lo, c, np.where(around > 0, around, np.iinfo(np.int64).max).min(axis=1))
+    np.maximum.at(hi, c, around.max(axis=1))
+    fill = np.where(enclosed & (lo == hi) & (hi > 0), hi, 0)  # every neighbour is the same instance
     out = labels.copy()
-    for idx, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None:
-            continue
-        crop = labels[box]
-        inst = crop == idx
-        holes = ndimage.binary_fill_holes(inst) & (crop == 0)
-        if holes.any():
-            out[box][holes] = idx
+    out[rows, cols] = fill[c].astype(labels.dtype)
     return out
 
 

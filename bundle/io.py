@@ -9,8 +9,10 @@ the fallback for codecs tifffile cannot decode without ``imagecodecs`` (LZW); ev
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -328,8 +330,35 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 _atomic_write_bytes = atomic_write  # older name, kept for callers
 
 
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """PNG bytes of a uint8 (H, W) / (H, W, 3) / (H, W, 4) or uint16 (H, W) array: every row with the "Sub"
+    filter (difference to the pixel on the left), then zlib at ``compress_level``.
+
+    Written because PIL picks a filter per row, which on a 1000 x 1000 RGB overlay took as long as the zlib pass
+    itself (76 ms vs 42 ms here, 2 % larger files); decoded by PIL to the same array (tests/test_io.py).
+    """
+    a = np.ascontiguousarray(array)
+    if a.dtype == np.uint16:
+        a = a.astype(">u2").view(np.uint8).reshape(a.shape[0], a.shape[1], 2)  # PNG stores 16 bits big-endian
+    h, w = a.shape[:2]
+    bpp = 1 if a.ndim == 2 else a.shape[2]  # bytes per pixel: the Sub filter's left neighbour
+    rows = a.reshape(h, w * bpp)
+    raw = np.empty((h, w * bpp + 1), np.uint8)
+    raw[:, 0] = 1  # filter type Sub
+    raw[:, 1 : bpp + 1] = rows[:, :bpp]
+    np.subtract(rows[:, bpp:], rows[:, :-bpp], out=raw[:, bpp + 1 :])  # modulo 256, as the filter defines
+    bit_depth, colour = (16, 0) if array.dtype == np.uint16 else (8, {1: 0, 3: 2, 4: 6}[bpp])
+    header = struct.pack(">IIBBBBB", w, h, bit_depth, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), compress_level)) \
+        + _png_chunk(b"IEND", b"")
+
+
 def write_png_atomic(path: str | os.PathLike, array: np.ndarray, compress_level: int = 1) -> None:
-    """Write a uint8 (H, W) / (H, W, 3) / (H, W, 4) or uint16 (H, W) array as PNG, atomically.
+    """Write a uint8 (H, W) / (H, W, 3) / (H, W, 4) or uint16 (H, W) array as PNG (:func:`encode_png`), atomically.
 
     ``compress_level`` 1 (zlib): on a 1000 x 1000 RGB tile 5x faster to write than PIL's default 6, ~12 % larger.
     """
@@ -338,13 +367,16 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray, compress_level:
     ok = (array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)))) or (
         array.dtype == np.uint16 and array.ndim == 2
     )
-    if not ok:
+    if not ok or array.size == 0:
         raise ValueError(
-            f"write_png_atomic({path}): expected uint8 (H,W)/(H,W,3)/(H,W,4) or uint16 (H,W), "
+            f"write_png_atomic({path}): expected uint8 (H,W)/(H,W,3)/(H,W,4) or uint16 (H,W), not empty, "
             f"got {array.dtype} {array.shape}"
         )
-    image = Image.fromarray(np.ascontiguousarray(array))
-    _atomic_write_bytes(path, lambda tmp: image.save(tmp, format="PNG", compress_level=compress_level))
+    def _write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(encode_png(array, compress_level))
+
+    _atomic_write_bytes(path, _write)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

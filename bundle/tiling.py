@@ -115,13 +115,8 @@ def _lab_f(t: np.ndarray) -> np.ndarray:
     return np.where(t > 0.008856, np.cbrt(t), 7.787 * t + np.float32(16.0 / 116.0))
 
 
-def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) RGB 0..255 (uint8 or float) -> (..., 3) float32 L*a*b*: ``skimage.color.rgb2lab(rgb / 255)``.
-
-    The same formulas as scikit-image (sRGB gamma, its XYZ matrix, D65 white, cube root with the linear
-    toe), in float32 on channel planes: ~10x faster, within 1e-3 of skimage's float64. Written here because
-    Reinhard on every chunk of a slide made skimage's L*a*b* the largest cost after the network.
-    """
+def _lab_planes(rgb: np.ndarray) -> list[np.ndarray]:
+    """L*, a*, b* planes (float32, each of the image's shape without the channel axis) of (..., 3) RGB."""
     rgb = np.asarray(rgb)
     if rgb.dtype == np.uint8:  # exact 8-bit -> linear-light lookup
         planes = [_LINEAR_LUT_F32[rgb[..., c]] for c in range(3)]
@@ -130,21 +125,36 @@ def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
         c = np.where(c > 0.04045, ((c + np.float32(0.055)) / np.float32(1.055)) ** np.float32(2.4), c / np.float32(12.92))
         planes = [c[..., i] for i in range(3)]
     fx, fy, fz = (_lab_f(t) for t in _mix(planes, _XYZ_FROM_RGB / _WHITE_D65[:, None]))
-    return np.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=-1).astype(np.float32, copy=False)
+    return [np.float32(116.0) * fy - np.float32(16.0), np.float32(500.0) * (fx - fy), np.float32(200.0) * (fy - fz)]
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB 0..255 (uint8 or float) -> (..., 3) float32 L*a*b*: ``skimage.color.rgb2lab(rgb / 255)``.
+
+    The same formulas as scikit-image (sRGB gamma, its XYZ matrix, D65 white, cube root with the linear
+    toe), in float32 on channel planes: ~10x faster, within 1e-3 of skimage's float64. Written here because
+    Reinhard on every chunk of a slide made skimage's L*a*b* the largest cost after the network.
+    """
+    return np.stack(_lab_planes(rgb), axis=-1).astype(np.float32, copy=False)
+
+
+def _rgb_planes(lab: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """R, G, B planes (float32, 0..255) of L*a*b* planes (the formulas of :func:`lab_to_rgb`)."""
+    fy = (lab[0] + np.float32(16.0)) / np.float32(116.0)
+    f = [lab[1] / np.float32(500.0) + fy, fy, np.maximum(fy - lab[2] / np.float32(200.0), np.float32(0.0))]
+    xyz = [np.where(t > 0.2068966, t * t * t, (t - np.float32(16.0 / 116.0)) / np.float32(7.787)) for t in f]
+    out = []
+    for lin in _mix(xyz, _RGB_FROM_XYZ * _WHITE_D65[None, :]):
+        gamma = np.float32(1.055) * np.maximum(lin, np.float32(0.0031308)) ** np.float32(1 / 2.4) - np.float32(0.055)
+        out.append(np.clip(np.where(lin > 0.0031308, gamma, lin * np.float32(12.92)) * np.float32(255.0), 0.0, 255.0))
+    return out
 
 
 def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     """(..., 3) L*a*b* -> (..., 3) float32 RGB in [0, 255]: ``skimage.color.lab2rgb(lab) * 255`` (z < 0 set to 0,
     out-of-gamut values clipped, as skimage does)."""
     lab = np.asarray(lab, np.float32)
-    fy = (lab[..., 0] + np.float32(16.0)) / np.float32(116.0)
-    f = [lab[..., 1] / np.float32(500.0) + fy, fy, np.maximum(fy - lab[..., 2] / np.float32(200.0), np.float32(0.0))]
-    xyz = [np.where(t > 0.2068966, t * t * t, (t - np.float32(16.0 / 116.0)) / np.float32(7.787)) for t in f]
-    out = []
-    for lin in _mix(xyz, _RGB_FROM_XYZ * _WHITE_D65[None, :]):
-        gamma = np.float32(1.055) * np.maximum(lin, np.float32(0.0031308)) ** np.float32(1 / 2.4) - np.float32(0.055)
-        out.append(np.clip(np.where(lin > 0.0031308, gamma, lin * np.float32(12.92)) * np.float32(255.0), 0.0, 255.0))
-    return np.stack(out, axis=-1).astype(np.float32, copy=False)
+    return np.stack(_rgb_planes([lab[..., 0], lab[..., 1], lab[..., 2]]), axis=-1).astype(np.float32, copy=False)
 
 
 def _rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
@@ -178,20 +188,21 @@ def _reinhard_terms(stats_mean, stats_std, reference) -> tuple[np.ndarray, np.nd
 
 def reinhard_gray(
     rgb: np.ndarray, stats_mean: Sequence[float], stats_std: Sequence[float], reference: Mapping[str, Sequence[float]],
-    block: int = 2**16, lab: np.ndarray | None = None,
+    block: int = 2**16, lab: Sequence[np.ndarray] | None = None,
 ) -> np.ndarray:
     """(..., 3) RGB -> (...) float32 BT.601 gray 0..255 of the Reinhard-normalised image (the formula of
     :class:`bundle.transforms.ReinhardNormalize` with FIXED source statistics), ``block`` pixels at a time so the
-    float temporaries stay small and cache-resident. ``lab``: the image's :func:`rgb_to_lab`, when already known."""
+    float temporaries stay small and cache-resident. ``lab``: the image's flattened L*, a*, b* planes
+    (:func:`rgb_to_lab`), when already known."""
     mean, gain, ref_mean = _reinhard_terms(stats_mean, stats_std, reference)
-    flat = np.asarray(rgb).reshape(-1, 3) if lab is None else None
-    lab_flat = None if lab is None else np.asarray(lab, np.float32).reshape(-1, 3)
-    n = len(flat) if flat is not None else len(lab_flat)
-    out = np.empty(n, np.float32)
-    for i in range(0, n, block):
-        part = rgb_to_lab(flat[i : i + block]) if lab_flat is None else lab_flat[i : i + block]
-        out[i : i + block] = _rgb_to_gray(lab_to_rgb((part - mean) * gain + ref_mean))
-    return out.reshape((np.shape(rgb) if lab is None else np.shape(lab))[:-1])
+    shape = np.shape(rgb)[:-1]
+    flat = np.asarray(rgb).reshape(-1, 3)
+    out = np.empty(len(flat), np.float32)
+    for i in range(0, len(flat), block):
+        part = _lab_planes(flat[i : i + block]) if lab is None else [p[i : i + block] for p in lab]
+        r, g, b = _rgb_planes([(p - mean[c]) * gain[c] + ref_mean[c] for c, p in enumerate(part)])
+        out[i : i + block] = _rgb_to_gray(np.stack([r, g, b], axis=-1))
+    return out.reshape(shape)
 
 
 class RegionSource(Protocol):
@@ -224,13 +235,10 @@ def _is_background(rgb: np.ndarray, level: int = 220) -> np.ndarray:
     return rgb.min(axis=-1) >= level
 
 
-def _moments(pieces: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and (population) std of the rows of all ``pieces`` (N_i, C), accumulated in float64."""
-    n = sum(len(p) for p in pieces)
-    total = sum(p.sum(0, dtype=np.float64) for p in pieces)
-    mean = total / n
-    var = sum(((p.astype(np.float64) - mean) ** 2).sum(0) for p in pieces) / n
-    return mean, np.sqrt(var)
+def _plane_moments(plane: np.ndarray) -> tuple[float, float]:
+    """Mean and (population) std of a float32 plane, accumulated in float64 (numpy's pairwise summation)."""
+    mean = float(plane.mean(dtype=np.float64))
+    return mean, math.sqrt(float(np.square(plane - np.float32(mean)).mean(dtype=np.float64)))
 
 
 def image_statistics(
@@ -257,16 +265,14 @@ def image_statistics(
     rgb = np.concatenate(samples)
     if len(rgb) == 0:
         raise DataError(f"{source.path}: no tissue found (every pixel is bright glass); nothing to segment")
-    lab = np.concatenate([rgb_to_lab(rgb[i : i + 2**18]) for i in range(0, len(rgb), 2**18)])
-    # moments accumulated in float64 over blocks of 2**18 pixels, so temporaries stay small
-    mean, std = _moments([lab[i : i + 2**18] for i in range(0, len(lab), 2**18)])
+    lab = _lab_planes(rgb)
+    mean, std = np.array([_plane_moments(p) for p in lab]).T
     gray = reinhard_gray(rgb, mean, std, reference, lab=lab)
     del lab
-    unit = np.clip(gray / 255.0, 0.0, 1.0)
-    gray_mean, gray_std = _moments([unit[i : i + 2**18, None] for i in range(0, len(unit), 2**18)])
+    gray_mean, gray_std = _plane_moments(np.clip(gray / np.float32(255.0), 0.0, 1.0))
     # one block read whole: the samples are the image in raster order, so the chunk pass can reuse the gray
     whole = step == 1 and not tissue_only and h <= block and w <= block
-    return ImageStats(tuple(mean.tolist()), tuple(std.tolist()), float(gray_mean[0]), float(gray_std[0]),
+    return ImageStats(tuple(mean.tolist()), tuple(std.tolist()), gray_mean, gray_std,
                       gray.reshape(h, w) if whole else None)
 
 
@@ -539,14 +545,16 @@ class NucleusBlock:
 
 
 def _centroids(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column centroids (pixel index coordinates) of ids 1..max, via bincount (ndimage is per label)."""
+    """Row and column centroids (pixel index coordinates) of ids 1..max, via bincount over the foreground pixels
+    (ndimage is per label)."""
     flat = instances.ravel()
+    fg = np.flatnonzero(flat)
+    lab = flat[fg]
     n = int(flat.max(initial=0)) + 1
-    area = np.bincount(flat, minlength=n).astype(np.float64)
-    rows = np.repeat(np.arange(instances.shape[0], dtype=np.float64), instances.shape[1])
-    cols = np.tile(np.arange(instances.shape[1], dtype=np.float64), instances.shape[0])
+    rows, cols = np.divmod(fg, instances.shape[1])
+    area = np.bincount(lab, minlength=n).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.bincount(flat, rows, n) / area, np.bincount(flat, cols, n) / area
+        return np.bincount(lab, rows, n) / area, np.bincount(lab, cols, n) / area
 
 
 def _split(interval: tuple[int, int], size: int) -> list[tuple[int, int]]:
@@ -591,17 +599,24 @@ def segment_blocks(
             up = [np.clip(np.asarray((rx @ np.asarray(ry @ m).T).T, np.float32), 0.0, 1.0) for m in (maps.region, maps.boundary)]
             if post_scale == "native":
                 inst = instances_from_maps(up[0], up[1], params)
+                cy, cx = _centroids(inst)
+                cy, cx = cy + wy[0], cx + wx[0]
             else:
                 # model pixels nearest to the window's native pixels: among its bilinear taps, so inside ``exact``
                 iy = nearest_index(native_shape[0], model_shape[0], *wy) - gy.exact[0]
                 ix = nearest_index(native_shape[1], model_shape[1], *wx) - gx.exact[0]
                 sy, sx = slice(iy[0], iy[-1] + 1), slice(ix[0], ix[-1] + 1)
                 inst = instances_from_maps(maps.region[sy, sx], maps.boundary[sy, sx], params)
-                inst = inst[iy - iy[0]][:, ix - ix[0]]
-            cy, cx = _centroids(inst)
-            owned = (cy >= by[0] - wy[0]) & (cy < by[1] - wy[0]) & (cx >= bx[0] - wx[0]) & (cx < bx[1] - wx[0])
+                # ownership from the model-scale centroid mapped to native pixels (a model pixel's native pixels
+                # are centred there): the same in every block that holds the nucleus, 4x fewer pixels to sum
+                cy, cx = _centroids(inst)
+                cy = (cy + sy.start + gy.exact[0] + 0.5) * (native_shape[0] / model_shape[0]) - 0.5
+                cx = (cx + sx.start + gx.exact[0] + 0.5) * (native_shape[1] / model_shape[1]) - 0.5
+            owned = (cy >= by[0]) & (cy < by[1]) & (cx >= bx[0]) & (cx < bx[1])
             owned[0] = False
             inst = relabel_consecutive(np.where(owned[inst], inst, 0))
+            if post_scale == "model":
+                inst = inst[iy - iy[0]][:, ix - ix[0]]
             truncated = 0
             if inst.any():
                 edges = []

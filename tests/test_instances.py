@@ -131,10 +131,32 @@ def test_helpers_match_scikit_image_and_monai():
     assert (fill_instance_holes(ring)[4:7, 4:7] == 1).all() and not fill_instance_holes(ring)[12:15, 15:19].any()
 
 
+
 @pytest.fixture(scope="module")
 def monuseg_gt(monuseg_dir):
     ids = sorted(p.stem for p in (monuseg_dir / "labels").glob("*.png"))[:3]
     return [read_label(monuseg_dir / "labels" / f"{i}.png", kind="instance")[:256, :256] for i in ids]
+
+
+def test_fill_holes_nested_and_border_cases(monuseg_gt):
+    # nucleus 2 sits in nucleus 1's hole: the gap between them touches both, so it is nobody's hole (left empty);
+    # 2's own hole is filled with 2
+    nested = np.zeros((13, 13), np.int32)
+    nested[1:12, 1:12] = 1
+    nested[3:10, 3:10] = 0
+    nested[5:8, 5:8] = 2
+    nested[6, 6] = 0
+    filled = fill_instance_holes(nested)
+    assert filled[6, 6] == 2 and (filled[3:5, 3:10] == 0).all()
+    assert np.array_equal(filled[nested > 0], nested[nested > 0])  # nuclei never change
+    # a gap open to the image border is outside, even when only one nucleus surrounds the rest of it
+    cup = np.zeros((8, 8), np.int32)
+    cup[0:6, 1:7] = 1
+    cup[0:4, 3:5] = 0
+    assert np.array_equal(fill_instance_holes(cup), cup)
+    # MoNuSeg annotations: the same as MONAI's FillHoles
+    for gt in monuseg_gt:
+        np.testing.assert_array_equal(fill_instance_holes(gt), FillHoles(connectivity=1)(gt[None])[0])
 
 
 def test_oracle_maps_reproduce_monuseg_instances(monuseg_gt):

@@ -162,13 +162,27 @@ def test_write_png_atomic_round_trips_and_leaves_no_temp(tmp_path):
         write_png_atomic(tmp_path / "f.png", RGB.astype(np.float32))
 
 
+@pytest.mark.parametrize("shape,dtype", [((5, 1), np.uint8), ((4, 9), np.uint8), ((6, 5, 3), np.uint8),
+                                         ((3, 7, 4), np.uint8), ((8, 3), np.uint16), ((1, 1), np.uint16)])
+def test_encode_png_decodes_to_the_same_array_with_pil(shape, dtype):
+    import io
+
+    from bundle.io import encode_png
+
+    info = np.iinfo(dtype)
+    a = RNG.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+    a.flat[0], a.flat[-1] = info.max, info.min  # the Sub filter wraps modulo 256
+    for level in (0, 1, 9):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(a, level)))), a)
+
+
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     write_text_atomic(tmp_path / "t.txt", "old")
 
-    def boom(self, *a, **k):
+    def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(Image.Image, "save", boom)
+    monkeypatch.setattr("bundle.io.encode_png", boom)
     (tmp_path / "x.png").write_bytes(b"old")
     with pytest.raises(OSError, match="disk full"):
         write_png_atomic(tmp_path / "x.png", RGB)
