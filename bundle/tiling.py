@@ -112,20 +112,28 @@ def _mix(planes: Sequence[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
 
 
 def _lab_f(t: np.ndarray) -> np.ndarray:
-    return np.where(t > 0.008856, np.cbrt(t), 7.787 * t + np.float32(16.0 / 116.0))
+    out = np.cbrt(t)
+    toe = t <= 0.008856  # rare in tissue: patched after the vectorised cube root instead of a full np.where
+    out[toe] = np.float32(7.787) * t[toe] + np.float32(16.0 / 116.0)
+    return out
 
 
 def _lab_planes(rgb: np.ndarray) -> list[np.ndarray]:
     """L*, a*, b* planes (float32, each of the image's shape without the channel axis) of (..., 3) RGB."""
     rgb = np.asarray(rgb)
     if rgb.dtype == np.uint8:  # exact 8-bit -> linear-light lookup
-        planes = [_LINEAR_LUT_F32[rgb[..., c]] for c in range(3)]
+        planes = [np.take(_LINEAR_LUT_F32, rgb[..., c]) for c in range(3)]  # np.take: 2x faster than indexing
     else:
         c = np.asarray(rgb, np.float32) / np.float32(255.0)
         c = np.where(c > 0.04045, ((c + np.float32(0.055)) / np.float32(1.055)) ** np.float32(2.4), c / np.float32(12.92))
         planes = [c[..., i] for i in range(3)]
     fx, fy, fz = (_lab_f(t) for t in _mix(planes, _XYZ_FROM_RGB / _WHITE_D65[:, None]))
-    return [np.float32(116.0) * fy - np.float32(16.0), np.float32(500.0) * (fx - fy), np.float32(200.0) * (fy - fz)]
+    light = np.float32(116.0) * fy - np.float32(16.0)
+    fx -= fy  # in place: a* and b* reuse the f planes
+    fx *= np.float32(500.0)
+    fy -= fz
+    fy *= np.float32(200.0)
+    return [light, fx, fy]
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -142,11 +150,19 @@ def _rgb_planes(lab: Sequence[np.ndarray]) -> list[np.ndarray]:
     """R, G, B planes (float32, 0..255) of L*a*b* planes (the formulas of :func:`lab_to_rgb`)."""
     fy = (lab[0] + np.float32(16.0)) / np.float32(116.0)
     f = [lab[1] / np.float32(500.0) + fy, fy, np.maximum(fy - lab[2] / np.float32(200.0), np.float32(0.0))]
-    xyz = [np.where(t > 0.2068966, t * t * t, (t - np.float32(16.0 / 116.0)) / np.float32(7.787)) for t in f]
+    xyz = []
+    for t in f:
+        cube = t * t * t
+        toe = t <= 0.2068966  # rare: patched instead of a full np.where
+        cube[toe] = (t[toe] - np.float32(16.0 / 116.0)) / np.float32(7.787)
+        xyz.append(cube)
     out = []
     for lin in _mix(xyz, _RGB_FROM_XYZ * _WHITE_D65[None, :]):
+        dark = lin <= 0.0031308
         gamma = np.float32(1.055) * np.maximum(lin, np.float32(0.0031308)) ** np.float32(1 / 2.4) - np.float32(0.055)
-        out.append(np.clip(np.where(lin > 0.0031308, gamma, lin * np.float32(12.92)) * np.float32(255.0), 0.0, 255.0))
+        gamma[dark] = lin[dark] * np.float32(12.92)
+        gamma *= np.float32(255.0)
+        out.append(np.clip(gamma, 0.0, 255.0, out=gamma))
     return out
 
 

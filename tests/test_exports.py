@@ -93,6 +93,22 @@ def test_polygons_match_pixels_exactly_on_monuseg(monuseg_tile):
         np.testing.assert_array_equal(rasterise(rings, labels.shape), filled)  # IoU 1
 
 
+@pytest.mark.parametrize("shape", [(256, 256), (255, 253)])
+def test_polygons_of_2x2_block_maps_match_pixels_exactly(monuseg_tile, shape):
+    # model-scale labels resized x2 (what the engine exports) take the half-size tracing path; odd sizes end in a
+    # half block
+    from bundle.instances import upsample_labels
+
+    _, labels, _, _ = monuseg_tile
+    blocks = upsample_labels(labels[::2, ::2], shape)
+    polys = instance_polygons(blocks)
+    assert sorted(polys) == sorted(np.unique(blocks[blocks > 0]).tolist())
+    for idx, rings in polys.items():
+        filled = ndimage.binary_fill_holes(blocks == idx, structure=np.ones((3, 3)))
+        assert sum(ring_area(r) for r in rings) == filled.sum()
+        np.testing.assert_array_equal(rasterise(rings, shape), filled)
+
+
 def test_polygons_lie_within_half_a_pixel_diagonal_of_marching_squares(monuseg_tile):
     # skimage's find_contours (level 0.5, through edge midpoints) as the library reference: same outline, corners cut
     _, labels, _, _ = monuseg_tile
