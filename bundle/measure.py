@@ -90,7 +90,8 @@ def _convex_areas(rows: np.ndarray, cols: np.ndarray, lab: np.ndarray, ids: np.n
     """
     if not len(ids):
         return np.zeros(0, np.int64)
-    order = np.lexsort((cols, rows, lab))  # runs of (label, row), columns ascending
+    # border pixels come in raster order: a stable sort by label gives runs of (label, row), columns ascending
+    order = np.argsort(lab, kind="stable")
     rows, cols, lab = rows[order].astype(np.int64), cols[order].astype(np.int64), lab[order].astype(np.int64)
     start = np.ones(len(lab), bool)
     start[1:] = (lab[1:] != lab[:-1]) | (rows[1:] != rows[:-1])
@@ -98,15 +99,16 @@ def _convex_areas(rows: np.ndarray, cols: np.ndarray, lab: np.ndarray, ids: np.n
     sides = []
     for first, sign in ((start, -1), (end, 1)):
         r, c, o = rows[first], cols[first], lab[first]
-        # the pixel's midpoints on this side: (2r - 1, 2c), (2r, 2c + sign), (2r + 1, 2c)
-        y = np.concatenate([2 * r - 1, 2 * r, 2 * r + 1])
-        x = np.concatenate([2 * c, 2 * c + sign, 2 * c])
-        o = np.concatenate([o, o, o])
-        k = np.lexsort((-sign * x, y, o))  # per (obj, y) the outermost point first
-        o, y, x = o[k], y[k], x[k]
-        one = np.ones(len(o), bool)
-        one[1:] = (o[1:] != o[:-1]) | (y[1:] != y[:-1])
-        sides.append(_chain(o[one], y[one], x[one], lower=sign < 0))
+        # the pixel's midpoints on this side, (2r - 1, 2c), (2r, 2c + sign), (2r + 1, 2c), interleaved so that the
+        # points stay sorted by (object, y); consecutive rows share y = 2r + 1: keep the outermost of the two
+        o = np.repeat(o, 3)
+        y = (2 * r[:, None] + np.array([-1, 0, 1])).ravel()
+        x = (2 * c[:, None] + np.array([0, sign, 0])).ravel()
+        new = np.ones(len(o), bool)
+        new[1:] = (o[1:] != o[:-1]) | (y[1:] != y[:-1])
+        at = np.flatnonzero(new)
+        x = (np.minimum if sign < 0 else np.maximum).reduceat(x, at)
+        sides.append(_chain(o[at], y[at], x, lower=sign < 0))
     # integer rows of each object: its pixel rows, first..last
     first_row = np.full(int(ids.max()) + 1, np.iinfo(np.int64).max)
     last_row = np.full(int(ids.max()) + 1, -1)
@@ -144,7 +146,7 @@ def label_properties(
         raise ValueError(f"label_properties: labels must be a 2D integer map, got {labels.dtype} {labels.shape}")
     flat = labels.ravel()
     fg = np.flatnonzero(flat)
-    lab = flat[fg].astype(np.int64)  # the image keeps its dtype: the full-size passes move fewer bytes
+    lab = np.take(flat, fg).astype(np.int64)  # the image keeps its dtype: the full-size passes move fewer bytes
     n = int(flat.max(initial=0)) + 1
     area = np.bincount(lab, minlength=n)
     ids = np.flatnonzero(area)
@@ -183,7 +185,7 @@ def label_properties(
             arr = np.asarray(arr)
             if arr.shape[:2] != labels.shape or arr.ndim not in (2, 3):
                 raise ValueError(f"label_properties: intensity {arr.shape} does not match labels {labels.shape}")
-            values = arr.reshape(len(flat), -1)[fg]  # one gather of the foreground for all channels of an array
+            values = np.take(arr.reshape(len(flat), -1), fg, axis=0)  # one gather for all channels (take: faster)
             for k in range(values.shape[1]):
                 out[f"intensity_mean-{c}"] = np.bincount(lab, values[:, k], n)[ids] / a
                 c += 1
