@@ -105,3 +105,27 @@ def tile_datalist(
         if len(todo) < len(tiles):
             logger.info(f"{len(tiles) - len(todo)} of {len(tiles)} tiles already have outputs in {output_dir}: skipped")
     return [{"image": str(t)} for t in todo]
+
+
+def load_inference_settings(config_files: str | Sequence[str]) -> dict[str, Any]:
+    """Network (instantiated, random weights) and inference settings from the bundle config(s), later files
+    overriding earlier: ``network``, ``reference`` (Reinhard), ``watershed`` (:class:`bundle.instances.WatershedParams`),
+    ``roi``, ``overlap``, ``sw_batch_size``, ``model_pixel_size``, ``post_scale``."""
+    from monai.bundle import ConfigParser
+
+    from bundle.instances import WatershedParams
+
+    parser = ConfigParser()
+    parser.read_config([config_files] if isinstance(config_files, (str, os.PathLike)) else list(config_files))
+    get = lambda key, default=None: parser.get_parsed_content(key) if key in parser else default  # noqa: E731
+    patch = get("patch_size", [256, 256])
+    return {
+        "network": parser.get_parsed_content("network_def", instantiate=True),
+        "reference": get("reinhard_reference"),
+        "watershed": WatershedParams.from_dict(get("watershed", {})),
+        "roi": int(patch[0]),
+        "overlap": float(get("overlap", 0.25)),
+        "sw_batch_size": int(get("sw_batch_size", 8)),
+        "model_pixel_size": float(get("model_pixel_size", MODEL_PIXEL_SIZE)),
+        "post_scale": str(get("post_scale", "model")),
+    }

@@ -305,11 +305,19 @@ ValItem = tuple[np.ndarray, "np.ndarray | None", np.ndarray]
 
 
 def score_watershed(val_items: Sequence[ValItem], params: WatershedParams, metric: str = "aji") -> float:
-    """Mean of ``metric`` ("aji", "aji_plus" or "pq") over ``val_items`` = [(region_prob, boundary_prob, gt), ...]."""
+    """Mean of ``metric`` ("aji", "aji_plus" or "pq") over ``val_items`` = [(region_prob, boundary_prob, gt), ...].
+
+    Maps smaller than their ``gt`` (model scale, as ``post_scale="model"`` runs the watershed) give instances that
+    are resized to the ``gt`` grid with :func:`upsample_labels` before scoring, as inference does.
+    """
     fns = {"aji": aji, "aji_plus": aji_plus, "pq": lambda pr, gt: panoptic_quality(pr, gt).pq}
     if metric not in fns:
         raise ValueError(f"score_watershed: metric must be one of {sorted(fns)}, got {metric!r}")
-    scores = [fns[metric](instances_from_maps(r, b, params), np.asarray(gt)) for r, b, gt in val_items]
+    scores = []
+    for r, b, gt in val_items:
+        gt = np.asarray(gt)
+        inst = instances_from_maps(r, b, params)
+        scores.append(fns[metric](inst if inst.shape == gt.shape else upsample_labels(inst, gt.shape), gt))
     return float(np.nanmean(scores)) if scores else float("nan")
 
 

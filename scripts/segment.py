@@ -29,8 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bundle.exports import FORMATS  # noqa: E402
-from bundle.inference import DEFAULT_PIXEL_SIZE, find_tiles, tile_datalist, tile_id  # noqa: E402
-from bundle.instances import WatershedParams  # noqa: E402
+from bundle.inference import DEFAULT_PIXEL_SIZE, find_tiles, load_inference_settings, tile_datalist, tile_id  # noqa: E402
 from bundle.io import DataError, load_weights, write_text_atomic  # noqa: E402
 from bundle.slide import is_slide, open_source, segment_slide  # noqa: E402
 from bundle.tiling import SlidingWindowPredictor, TileOutputs, peak_rss_mib, segment_image, shard  # noqa: E402
@@ -39,24 +38,7 @@ logger = logging.getLogger("segment")
 DONE_SUFFIX = "_summary.json"
 
 
-def load_settings(config_files: list[str]) -> dict:
-    """Network definition and inference settings from the bundle config(s), later files overriding earlier."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(config_files)
-    get = lambda key, default=None: parser.get_parsed_content(key) if key in parser else default  # noqa: E731
-    patch = get("patch_size", [256, 256])
-    return {
-        "network": parser.get_parsed_content("network_def", instantiate=True),
-        "reference": get("reinhard_reference"),
-        "watershed": WatershedParams.from_dict(get("watershed", {})),
-        "roi": int(patch[0]),
-        "overlap": float(get("overlap", 0.25)),
-        "sw_batch_size": int(get("sw_batch_size", 8)),
-        "model_pixel_size": float(get("model_pixel_size", 0.5)),
-        "post_scale": str(get("post_scale", "model")),
-    }
+load_settings = load_inference_settings  # the name older callers use
 
 
 def segment_file(path: Path, args: argparse.Namespace, predictor, settings: dict) -> dict:
