@@ -220,6 +220,32 @@ def _distance_markers_and_elevation(mask: np.ndarray, p: WatershedParams) -> tup
     return markers, -distance
 
 
+def _flood(elevation: np.ndarray, markers: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """MONAI ``Watershed`` (skimage, 4-connected) of ``markers`` inside the mask whose 4-connected components are
+    ``components``, run only on the components that hold two or more marker ids: the flood of a component with
+    one marker id reaches every pixel of it and meets no rival, so the component is that id. Most nuclei stand
+    alone, so most pixels skip the priority queue; the result is the same (tests/test_instances.py)."""
+    at = np.flatnonzero(markers)
+    n_comp = int(components.max()) + 1
+    out = np.zeros(markers.shape, np.int32)
+    if not len(at):
+        return out
+    comp, ids = components.ravel()[at].astype(np.int64), markers.ravel()[at].astype(np.int64)
+    span = int(ids.max()) + 1
+    pairs = np.unique(comp * span + ids)  # distinct (component, marker id)
+    pair_comp, pair_id = np.divmod(pairs, span)
+    count = np.bincount(pair_comp, minlength=n_comp)
+    owner = np.zeros(n_comp, np.int32)
+    alone = count[pair_comp] == 1
+    owner[pair_comp[alone]] = pair_id[alone]
+    out = owner[components]
+    crowded = (count >= 2)[components]
+    if crowded.any():
+        flooded = Watershed(connectivity=1, dtype=np.int32)(elevation[None], crowded[None], (markers * crowded)[None])
+        out = np.where(crowded, np.asarray(flooded)[0], out)
+    return out
+
+
 def instances_from_maps(
     region_prob: np.ndarray,
     boundary_prob: np.ndarray | None = None,
@@ -258,8 +284,8 @@ def instances_from_maps(
         elevation = _boundary_elevation(mask, boundary, p.smooth_sigma)
     markers = markers * mask  # a marker pixel outside the mask would flood nothing but survive as an instance
 
+    components = _label(mask)
     if p.keep_unmarked:
-        components = _label(mask)
         marked = np.zeros(components.max() + 1, bool)
         marked[components[markers > 0]] = True
         orphan = ~marked[components] & mask
@@ -267,7 +293,7 @@ def instances_from_maps(
             orphan_ids = _label(orphan)
             markers = np.where(orphan, orphan_ids + markers.max(), markers).astype(np.int32)
 
-    instances = np.asarray(Watershed(connectivity=1, dtype=np.int32)(elevation[None], mask[None], markers[None]))[0]
+    instances = _flood(elevation, markers, components)
     instances = remove_small_instances(instances, p.min_size)
     if p.fill_holes:
         instances = fill_instance_holes(instances)

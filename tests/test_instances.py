@@ -218,3 +218,19 @@ def test_upsample_labels_equals_torch_nearest_exact(n_in, n_out):
     np.testing.assert_array_equal(nearest_index(n_out, n_in, a, b), nearest_index(n_out, n_in)[a:b])
     with pytest.raises(ValueError, match="window"):
         nearest_index(n_out, n_in, 0, n_out + 1)
+
+
+def test_flood_skips_single_marker_components_with_the_same_result(monuseg_gt):
+    from monai.apps.pathology.transforms.post.array import Watershed
+
+    from bundle.instances import _flood
+
+    rng = np.random.default_rng(3)
+    for gt in monuseg_gt:
+        region, boundary = oracle_maps(gt)
+        region = np.clip(region + rng.normal(0, 0.2, region.shape), 0, 1)
+        mask = region > 0.5
+        markers = ndimage.label((region > 0.6) & (boundary < 0.5))[0].astype(np.int32) * mask
+        elevation = ndimage.gaussian_filter(1 - region, 1).astype(np.float32)
+        ref = np.asarray(Watershed(connectivity=1, dtype=np.int32)(elevation[None], mask[None], markers[None]))[0]
+        np.testing.assert_array_equal(_flood(elevation, markers, ndimage.label(mask)[0]), ref)
