@@ -298,12 +298,24 @@ def _table_csv(table: dict[str, np.ndarray]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # GeoJSON
 # ----------------------------------------------------------------------------------------------------------------
-def _ring_coords(ring: np.ndarray, ox: float, oy: float, s: float) -> list[list[int | float]]:
-    """A ring's (x, y) vertices in the output frame as JSON lists: ints when every value is whole (tile pixels,
-    integer offsets), else floats rounded to 1e-4 px."""
-    xy = np.asarray(ring, np.float64) * s + (ox, oy)
+def _rings_as_lists(rings: Sequence[np.ndarray], ox: float, oy: float, s: float) -> list[list[list[int | float]]]:
+    """Rings' (x, y) vertices in the output frame as JSON lists, all rings in one numpy pass: ints when every
+    value of a ring is whole (tile pixels, integer offsets), else floats rounded to 1e-4 px."""
+    if not rings:
+        return []
+    lengths = [len(r) for r in rings]
+    xy = np.concatenate(rings).astype(np.float64) * s + (ox, oy)
     whole = np.round(xy)
-    return whole.astype(np.int64).tolist() if np.array_equal(whole, xy) else np.round(xy, 4).tolist()
+    exact = (whole == xy).all(axis=1)
+    ints = whole.astype(np.int64).tolist()
+    if exact.all():
+        return [ints[a - n : a] for a, n in zip(np.cumsum(lengths).tolist(), lengths)]
+    floats = np.round(xy, 4).tolist()
+    out, at = [], 0
+    for n in lengths:
+        out.append(ints[at : at + n] if exact[at : at + n].all() else floats[at : at + n])
+        at += n
+    return out
 
 
 def instances_geojson(
@@ -335,9 +347,11 @@ def instances_geojson(
     ox, oy, s = _check_frame(offset, scale)
     polys = instance_polygons(inst, tolerance)
     keys = [k for k in ("area_px", "centroid_x", "centroid_y", "mean_region_prob", "mean_boundary_prob") if k in table]
-    features = []
-    for row, idx in enumerate(table["id"].tolist()):
-        rings = [_ring_coords(ring, ox, oy, s) for ring in polys[idx]]
+    ids = table["id"].tolist()
+    flat = _rings_as_lists([ring for idx in ids for ring in polys[idx]], ox, oy, s)
+    features, at = [], 0
+    for row, idx in enumerate(ids):
+        rings, at = flat[at : at + len(polys[idx])], at + len(polys[idx])
         geometry = (
             {"type": "Polygon", "coordinates": [rings[0]]}
             if len(rings) == 1
