@@ -81,6 +81,21 @@ def _synthetic_tile(path: Path, size: int = 1000) -> tuple[Path, np.ndarray]:
     return path, label
 
 
+def _config_watershed(post_scale: str, factor: float):
+    """``configs/inference.json``'s watershed parameters, scaled to native-size maps for ``post_scale="native"``."""
+    from bundle.inference import load_inference_settings
+    from bundle.instances import WatershedParams
+    from bundle.tuning import scaled_grid
+
+    params = load_inference_settings(str(ROOT / "configs" / "inference.json"))["watershed"]
+    if post_scale == "native":
+        values = params.to_dict()
+        scaled = scaled_grid({k: (values[k],) for k in ("min_size", "min_marker_size", "smooth_sigma", "marker_radius",
+                                                         "peak_min_distance")}, factor)
+        params = WatershedParams.from_dict({**values, **{k: v[0] for k, v in scaled.items()}})
+    return params
+
+
 def run(args: Any) -> list[dict]:
     from skimage.segmentation import find_boundaries
 
@@ -88,7 +103,6 @@ def run(args: Any) -> list[dict]:
     from bundle.inference import ToModelScaled
     from bundle.io import read_image, read_label, write_png_atomic, write_text_atomic
     from bundle.network import DSHFN
-    from bundle.instances import WatershedParams
     from bundle.tiling import (
         ArraySource, ChunkMaps, SlidingWindowPredictor, chunk_grid, image_statistics, model_size, reinhard_gray,
         segment_blocks, to_model_scale,
@@ -141,9 +155,11 @@ def run(args: Any) -> list[dict]:
     (gy,), (gx,) = chunk_grid(h, hm, hm, 64, 256, 192), chunk_grid(w, wm, wm, 64, 256, 192)
     maps = ChunkMaps(gy, gx, down[0], down[1], rgb)
     post_scale = getattr(args, "post_scale", "model")
+    # the shipped config's watershed (tuned at model scale); sizes x factor^2 / x factor on native-size maps
+    params = _config_watershed(post_scale, h / hm)
 
     def postprocess() -> dict:  # the engine's blocks (one for a 1000 x 1000 tile), then what TileOutputs builds
-        (block,) = segment_blocks(maps, (h, w), (hm, wm), WatershedParams(), post_chunk=max(h, w), post_scale=post_scale)
+        (block,) = segment_blocks(maps, (h, w), (hm, wm), params, post_chunk=max(h, w), post_scale=post_scale)
         table = nucleus_table(block.rgb, block.instances, block.region, block.boundary)
         geo = instances_geojson(block.instances, block.region, block.rgb, block.boundary, tile_id="bench", table=table)
         return {"inst": block.instances, "table": table, "geo": geo, "overlay": instance_overlay(rgb, block.instances)}
