@@ -4,7 +4,7 @@ The items are what inference sees: a trained network's region and boundary maps 
 :func:`bundle.tiling.predict_chunks`) on tiles it was neither trained nor tested on, next to the true instance
 maps at native size; nuclei are scored at native size after the model-scale watershed (``post_scale="model"``,
 :func:`bundle.instances.score_watershed`). The search is two grids in turn, thresholds then sizes, each the full
-product (:func:`bundle.instances.tune_watershed`), so ~40 settings rather than the ~300 of one joint grid.
+product (:func:`bundle.instances.tune_watershed`), so 58 settings rather than the ~700 of one joint grid.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ THRESHOLD_GRID: dict[str, tuple] = {
 }
 #: stage 2: sizes in model pixels (0.5 um/px: a nucleus of 6 um is ~110 px) and the elevation smoothing
 SIZE_GRID: dict[str, tuple] = {
-    "min_size": (4, 8, 16),
-    "min_marker_size": (2, 4, 8),
+    "min_size": (4, 8, 16, 32),
+    "min_marker_size": (2, 4, 8, 16, 32),
     "smooth_sigma": (0.5, 1.0),
 }
 

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs_dir", required=True, help="folder with train<row>/models/model.pt")
     p.add_argument("--rows", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--dataset_dir", required=True, help="instance-labelled tiles (standard layout), e.g. MoNuSeg")
+    p.add_argument("--split_file", default=None,
+                   help="fold file (default: the bundle's configs/splits/<dataset folder name>_5fold_seed42.json)")
     p.add_argument("--config_file", nargs="+", default=[str(ROOT / "configs" / "inference.json")])
     p.add_argument("--pixel_size", type=float, default=DEFAULT_PIXEL_SIZE)
     p.add_argument("--metric", choices=["aji", "aji_plus", "pq"], default="aji")
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     settings = load_inference_settings(args.config_file)
+    split_file = args.split_file or ROOT / "configs" / "splits" / f"{Path(args.dataset_dir).resolve().name}_5fold_seed42.json"
     items, rows_used = [], []
     started = time.time()
     for row in args.rows:
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         load_weights(settings["network"], ckpt, "cpu")
         predictor = SlidingWindowPredictor(settings["network"], settings["roi"], settings["sw_batch_size"],
                                            settings["overlap"], torch.device("cpu"))
-        val = transfer_datalist(args.dataset_dir, row, "val")
+        val = transfer_datalist(args.dataset_dir, row, "val", split_file)
         items += validation_items(predictor, val, settings["reference"], args.pixel_size, settings["model_pixel_size"])
         rows_used.append({"row": row, "checkpoint": str(ckpt), "val_ids": [d["id"] for d in val]})
         logging.info(f"row {row}: {len(val)} validation tiles")
