@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from monai.transforms import FillHoles
 from scipy import ndimage
 from skimage.draw import disk
@@ -22,6 +23,7 @@ from bundle.instances import (
     relabel_consecutive,
     remove_small_instances,
     tune_watershed,
+    upsample_labels,
 )
 from bundle.io import read_label
 
@@ -234,3 +236,25 @@ def test_flood_skips_single_marker_components_with_the_same_result(monuseg_gt):
         elevation = ndimage.gaussian_filter(1 - region, 1).astype(np.float32)
         ref = np.asarray(Watershed(connectivity=1, dtype=np.int32)(elevation[None], mask[None], markers[None]))[0]
         np.testing.assert_array_equal(_flood(elevation, markers, ndimage.label(mask)[0]), ref)
+
+
+def test_tile_writer_model_scale_crops_the_padding_and_resizes(tmp_path):
+    # a 100 x 90 tile at 0.25 um/px is 50 x 45 at model scale, padded by SpatialPadd ("symmetric") to 64 x 64
+    from bundle.writers import TileWriter
+
+    gt = np.zeros((50, 45), np.int32)
+    gt[disk((20, 15), 8, shape=gt.shape)] = 1
+    gt[disk((30, 32), 7, shape=gt.shape)] = 2
+    region, boundary = oracle_maps(gt)
+    maps = np.stack([region, boundary, region]).astype(np.float32)
+    padded = np.pad(maps, ((0, 0), (7, 7), (9, 10)), mode="symmetric")  # before = (64 - n) // 2, as MONAI pads
+    writer = TileWriter(str(tmp_path), formats=("png",), post_scale="model", pixel_size=0.25, model_pixel_size=0.5)
+    native = np.zeros((3, 100, 90), np.float32)  # only its size is used at model scale
+    got = writer.instances(native, torch.as_tensor(padded))
+    expected = upsample_labels(instances_from_maps(region, boundary, writer.watershed), (100, 90))
+    np.testing.assert_array_equal(got, expected)
+    assert got.max() == 2
+    with pytest.raises(ValueError, match="pred_model"):
+        writer.instances(native, None)
+    with pytest.raises(ValueError, match="smaller"):
+        writer.instances(native, torch.as_tensor(padded[:, :40]))
