@@ -481,6 +481,7 @@ def transfer_table(results_dir: str | os.PathLike, variant: str = "dshfn", metri
     Last column: the mean of the row's test cells; last row: the mean of each column's test cells."""
     cells = transfer_matrix(results_dir, variant, metric)
     names = names if names is not None else transfer_fold_names(results_dir, variant)
+    fmt = (lambda v: f"{v:.1f}") if metric in ("hd", "hd95") else (lambda v: f"{v:.3f}")  # noqa: E731
     rows = sorted({i for i, _ in cells})
     folds = sorted({j for _, j in cells} | set(names))
     label = lambda f: f"{f} {names[f]}" if f in names else str(f)  # noqa: E731
@@ -490,13 +491,13 @@ def transfer_table(results_dir: str | os.PathLike, variant: str = "dshfn", metri
         out = []
         for j in folds:
             role, value = cells.get((i, j), ("", math.nan))
-            out.append("–" if not role else f"{value:.3f}" if role == "test" else f"*{role} {value:.3f}*")
+            out.append("–" if not role else fmt(value) if role == "test" else f"*{role} {fmt(value)}*")
         tests = [v for (r, j), (role, v) in cells.items() if r == i and role == "test"]
-        out.append(f"{sum(tests) / len(tests):.3f}" if tests else "–")
+        out.append(fmt(sum(tests) / len(tests)) if tests else "–")
         lines.append(f"| {label(i)} | " + " | ".join(out) + " |")
     col_means = []
     for j in folds:
         tests = [v for (_, c), (role, v) in cells.items() if c == j and role == "test"]
-        col_means.append(f"{sum(tests) / len(tests):.3f}" if tests else "–")
+        col_means.append(fmt(sum(tests) / len(tests)) if tests else "–")
     lines.append("| mean (test) | " + " | ".join(col_means) + " | |")
     return "\n".join(lines)

@@ -126,6 +126,8 @@ def test_transfer_matrix_and_table_from_per_image_csvs(tmp_path):
     # columns: fold 0 tested by row 1 only (0.1); fold 2 by row 0 (0.4); fold 3 by both: (0.2 + 0.6) / 2
     assert lines[4] == "| mean (test) | 0.100 | – | 0.400 | 0.400 | |"
     assert transfer_table(tmp_path, "v", names={}).splitlines()[2].startswith("| 0 | *train 0.800*")
+    # HD95 = 2 x Dice per image here; distances get one decimal: row 1, fold 3: 2 x 0.6
+    assert "| 1.2 |" in transfer_table(tmp_path, "v", "hd95").splitlines()[3]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib (requirements-figures.txt) absent")
