@@ -47,3 +47,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def link_subset(source: Path, rows: list[dict], dest: Path, label_dir: str) -> Path:
+    """A dataset folder ``dest`` in the standard layout holding symlinks to ``rows`` (meta.csv dicts) of ``source``
+    (images and ``label_dir``, "masks" or "labels"), nothing copied; their own meta.csv, split "all"."""
+    for sub in ("images", label_dir):
+        (dest / sub).mkdir(parents=True)
+        for r in rows:
+            os.symlink(source / sub / f"{r['id']}.png", dest / sub / f"{r['id']}.png")
+    (dest / "meta.csv").write_text("id,group,split\n" + "".join(f"{r['id']},{r['group']},all\n" for r in rows))
+    return dest
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file, creating its folder."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)

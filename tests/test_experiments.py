@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import link_subset, write_csv
 import torch
 from monai.bundle import ConfigParser
 from monai.networks.nets import BasicUNet
@@ -90,20 +91,12 @@ def test_every_variant_builds_its_network_and_loss(variant, one_torch_thread):
         assert net(x).shape == (2, 3, 64, 64)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def test_fold_tables_are_means_of_fold_means(tmp_path):
     # the writer leaves HD empty for an image without nuclei: it must be left out, not read as 0
-    _write_csv(tmp_path / "a" / "fold0_paper.csv", [{"id": "x", "dice": 0.5, "hd95": 4}, {"id": "y", "dice": 0.7, "hd95": ""}])
-    _write_csv(tmp_path / "a" / "fold1_paper.csv", [{"id": "z", "dice": 0.8, "hd95": 2}, {"id": "w", "dice": 1.0, "hd95": 6}])
-    _write_csv(tmp_path / "b" / "fold0_paper.csv", [{"id": "x", "dice": 0.4, "hd95": 8}])
-    _write_csv(tmp_path / "b" / "fold1_paper.csv", [{"id": "z", "dice": 0.5, "hd95": 9}])
+    write_csv(tmp_path / "a" / "fold0_paper.csv", [{"id": "x", "dice": 0.5, "hd95": 4}, {"id": "y", "dice": 0.7, "hd95": ""}])
+    write_csv(tmp_path / "a" / "fold1_paper.csv", [{"id": "z", "dice": 0.8, "hd95": 2}, {"id": "w", "dice": 1.0, "hd95": 6}])
+    write_csv(tmp_path / "b" / "fold0_paper.csv", [{"id": "x", "dice": 0.4, "hd95": 8}])
+    write_csv(tmp_path / "b" / "fold1_paper.csv", [{"id": "z", "dice": 0.5, "hd95": 9}])
     assert per_image_means(tmp_path / "a" / "fold0_paper.csv") == pytest.approx({"dice": 0.6, "hd95": 4.0})
     table = summarise(tmp_path, ["a", "b"], "paper").splitlines()
     # a: fold means 0.6 and 0.9 -> 0.75 +- sqrt(2 * 0.15^2) = 0.212; HD95 fold means 4 and 4 -> 4.0 +- 0.0
@@ -126,12 +119,7 @@ def test_run_fold_trains_evaluates_and_skips_finished_folds(tnbc_dir, tmp_path):
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
     chosen = [r for g in sorted(groups)[:5] for r in groups[g][:2]]  # 10 tiles, 5 patients: one patient a fold
-    data = tmp_path / "tiny_tnbc"
-    for sub in ("images", "masks"):
-        (data / sub).mkdir(parents=True)
-        for r in chosen:
-            os.symlink(tnbc_dir / sub / f"{r['id']}.png", data / sub / f"{r['id']}.png")
-    (data / "meta.csv").write_text("id,group,split\n" + "".join(f"{r['id']},{r['group']},all\n" for r in chosen))
+    data = link_subset(tnbc_dir, chosen, tmp_path / "tiny_tnbc", "masks")
     small = tmp_path / "small.json"
     small.write_text(json.dumps({"spatial_size": [64, 64], "batch_size": 3, "val_batch_size": 2,
                                  "split_file": str(tmp_path / "splits.json"),

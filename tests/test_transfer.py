@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import link_subset, write_csv
 from monai.bundle import ConfigParser
 from PIL import Image
 
@@ -91,21 +91,13 @@ def test_transfer_configs_train_at_model_scale_on_crops_and_evaluate_whole_tiles
     assert evaluate.get("eval_part") == "all" and evaluate.get("eval_resolution") == "model"
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def _synthetic_results(root: Path) -> None:
     """Two rows of a 4-fold transfer: row 0 (train 0, val 1, test 2 3), row 1 (train 1, val 2, test 3 0)."""
     d = lambda *values: [{"id": f"t{k}", "dice": v, "hd95": 2 * v} for k, v in enumerate(values)]  # noqa: E731
     for name, values in {"train0_train0": (0.9, 0.7), "train0_val1": (0.6,), "train0_test2": (0.5, 0.3),
                          "train0_test3": (0.2,), "train1_train1": (0.8,), "train1_val2": (0.7,),
                          "train1_test3": (0.4, 0.6, 0.8), "train1_test0": (0.1,)}.items():
-        _write_csv(root / "v" / f"{name}.csv", d(*values))
+        write_csv(root / "v" / f"{name}.csv", d(*values))
     (root / "v" / "train0_curves.csv").write_text("epoch,val_mean_dice\n1,0.5\n")  # not a matrix cell
     columns = {str(f): {"groups": g} for f, g in enumerate((["kidney"], ["prostate"], ["liver"], ["colon", "stomach"]))}
     (root / "v" / "train0_summary.json").write_text(json.dumps({"columns": columns}))
@@ -174,12 +166,7 @@ def test_run_transfer_row_trains_evaluates_every_fold_and_skips_when_done(monuse
     rows = list(csv.DictReader(open(monuseg_dir / "meta.csv")))
     folds = json.loads(SPLIT.read_text())["folds"]
     chosen = [next(r for r in rows if r["id"] == fold["ids"][0]) for fold in folds]  # one tile of each fold
-    data = tmp_path / "tiny_monuseg"
-    for sub in ("images", "labels"):
-        (data / sub).mkdir(parents=True)
-        for r in chosen:
-            os.symlink(monuseg_dir / sub / f"{r['id']}.png", data / sub / f"{r['id']}.png")
-    (data / "meta.csv").write_text("id,group,split\n" + "".join(f"{r['id']},{r['group']},all\n" for r in chosen))
+    data = link_subset(monuseg_dir, chosen, tmp_path / "tiny_monuseg", "labels")
     small = tmp_path / "small.json"
     small.write_text(json.dumps({"spatial_size": [64, 64], "pixel_size": 0.125, "val_batch_size": 2,
                                  "split_file": str(tmp_path / "splits.json"),
