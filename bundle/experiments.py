@@ -289,6 +289,26 @@ def summarise(results_dir: str | os.PathLike, variants: Iterable[str] | None = N
     return "\n".join(lines)
 
 
+def per_fold_table(results_dir: str | os.PathLike, variants: Iterable[str] | None = None, resolution: str = "paper",
+                   folds: Iterable[int] | None = None, metrics: Sequence[str] = ("dice", "bf1", "hd95")) -> str:
+    """Markdown table: per variant, each fold's mean test value of each of ``metrics`` (``-`` where a variant has
+    not run that fold), so variants are compared within a fold (folds differ more than variants do)."""
+    found = collect(results_dir, resolution)
+    names = [v for v in (variants or VARIANTS) if v in found]
+    keep = sorted(set(folds) if folds is not None else {k for v in names for k in found[v]})
+    labels = {key: label for key, label, _ in TABLE_METRICS}
+    head = "| model | " + " | ".join(f"{labels.get(m, m)} fold {k}" for m in metrics for k in keep) + " |"
+    lines = [head, "|" + "---|" * (1 + len(metrics) * len(keep))]
+    for name in names:
+        cells = []
+        for m in metrics:
+            for k in keep:
+                value = found[name].get(k, {}).get(m)
+                cells.append("–" if value is None else (f"{value:.1f}" if m in ("hd", "hd95") else f"{value:.3f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def paired_differences(results_dir: str | os.PathLike, a: str, b: str, resolution: str = "paper") -> dict[str, Any]:
     """Per-fold differences ``a - b`` of every table metric over the folds both variants finished."""
     found = collect(results_dir, resolution)

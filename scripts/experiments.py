@@ -25,6 +25,7 @@ from bundle.experiments import (  # noqa: E402
     ABLATIONS,
     RESOLUTIONS,
     VARIANTS,
+    per_fold_table,
     run_fold,
     run_transfer_row,
     summarise,
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--resolution", choices=RESOLUTIONS, default="paper")
     table.add_argument("--variants", nargs="+", default=None)
     table.add_argument("--folds", nargs="+", type=int, default=None, help="only these folds (default: every fold found)")
+    table.add_argument("--per_fold", action="store_true", help="each fold's Dice, BF1 and HD95 instead of mean +- SD")
     transfer = sub.add_parser("transfer", help="cross-organ transfer rows (paper Figure 5): train on one fold's "
                               "organ, select on the next fold, test on the rest (skips what is done, resumes the rest)")
     transfer.add_argument("--rows", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="training folds (organ groups)")
@@ -74,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     if args.command == "table":
-        print(summarise(args.results_dir, args.variants, args.resolution, args.folds))
+        if args.per_fold:
+            print(per_fold_table(args.results_dir, args.variants, args.resolution, args.folds))
+        else:
+            print(summarise(args.results_dir, args.variants, args.resolution, args.folds))
         return 0
     if args.command == "transfer-table":
         print(transfer_table(args.results_dir, args.variant, args.metric))

@@ -15,7 +15,15 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import BasicUNet
 
 from bundle.baselines import SegmentationOutput
-from bundle.experiments import VARIANTS, paired_differences, per_image_means, result_paths, run_fold, summarise
+from bundle.experiments import (
+    VARIANTS,
+    paired_differences,
+    per_fold_table,
+    per_image_means,
+    result_paths,
+    run_fold,
+    summarise,
+)
 from bundle.network import DSHFN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +117,12 @@ def test_fold_tables_are_means_of_fold_means(tmp_path):
     assert "–" in summarise(tmp_path, ["a"], "paper").splitlines()[2]  # metrics absent from the CSV
     only1 = summarise(tmp_path, ["a", "b"], "paper", folds=[1]).splitlines()
     assert only1[2].startswith("| a | 1 | 0.900 ± 0.000 |") and only1[3].startswith("| b | 1 | 0.500 ± 0.000 |")
+    # per fold: each fold's mean, worked out above; a fold a variant has not run is marked
+    write_csv(tmp_path / "a" / "fold2_paper.csv", [{"id": "v", "dice": 0.3, "hd95": 1}])
+    per_fold = per_fold_table(tmp_path, ["a", "b"], "paper", metrics=("dice", "hd95")).splitlines()
+    assert per_fold[0] == "| model | Dice fold 0 | Dice fold 1 | Dice fold 2 | HD95 (px) fold 0 | HD95 (px) fold 1 | HD95 (px) fold 2 |"
+    assert per_fold[2] == "| a | 0.600 | 0.900 | 0.300 | 4.0 | 4.0 | 1.0 |"
+    assert per_fold[3] == "| b | 0.400 | 0.500 | – | 8.0 | 9.0 | – |"
 
 
 @pytest.mark.slow
