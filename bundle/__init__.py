@@ -4,9 +4,6 @@ Configs in ``configs/`` reference these modules as ``bundle.<module>.<Name>``; `
 puts the bundle root on ``sys.path`` so the package imports without installation.
 """
 
-__version__ = "0.2.0"
-
-
 def bundle_root() -> str:
     """Absolute path of the bundle root (the folder holding ``configs/`` and this ``bundle/`` package).
 
@@ -17,6 +14,21 @@ def bundle_root() -> str:
     import os
 
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _metadata_version() -> str:
+    """``version`` of ``configs/metadata.json``: the one place the bundle's version is written."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(bundle_root(), "configs", "metadata.json"), encoding="utf-8") as f:
+            return str(json.load(f)["version"])
+    except (OSError, ValueError, KeyError):  # a copy of the package without its configs
+        return "unknown"
+
+
+__version__ = _metadata_version()
 
 
 def _find_data_error(exc: BaseException | None):

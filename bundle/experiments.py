@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from bundle import bundle_root
 
@@ -114,16 +114,29 @@ def run_fold(
     smoke test, a smaller network. ``max_epochs`` (if given) overrides both.
     """
     wanted = [result_paths(results_dir, variant, fold, r) for r in RESOLUTIONS]
-    if all(c.is_file() and j.is_file() for c, j in wanted):
-        logger.info(f"{variant} fold {fold}: results exist, skipped")
-        return {"variant": variant, "fold": fold, "skipped": True}
     out = Path(runs_dir) / variant / f"fold{fold}"
+    return _run_once(
+        {"variant": variant, "fold": fold}, f"{variant} fold {fold}", out,
+        lambda: all(c.is_file() and j.is_file() for c, j in wanted),
+        lambda: _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, device, num_workers,
+                                 overrides, wanted),
+    )
+
+
+def _run_once(key: dict[str, Any], label: str, out: Path, done: Callable[[], bool],
+              work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``work()`` unless ``done()``, holding ``out/run.lock``: skipped (``key`` + ``skipped``) when the results exist
+    or when another live process holds the lock (``busy``); ``done`` is asked again once the lock is held."""
+    if done():
+        logger.info(f"{label}: results exist, skipped")
+        return {**key, "skipped": True}
     with _RunLock(out / "run.lock") as lock:
         if not lock.acquired:
-            logger.info(f"{variant} fold {fold}: another live process holds {lock.path}, skipped")
-            return {"variant": variant, "fold": fold, "skipped": True, "busy": True}
-        return _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, device, num_workers,
-                                overrides, wanted)
+            logger.info(f"{label}: another live process holds {lock.path}, skipped")
+            return {**key, "skipped": True, "busy": True}
+        if done():  # finished by another worker meanwhile
+            return {**key, "skipped": True}
+        return work()
 
 
 class _RunLock:
@@ -166,8 +179,6 @@ def _alive(lock: Path) -> bool:
 
 def _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, device, num_workers, overrides,
                      wanted) -> dict[str, Any]:
-    if all(c.is_file() and j.is_file() for c, j in wanted):  # finished by another worker meanwhile
-        return {"variant": variant, "fold": fold, "skipped": True}
     common: dict[str, Any] = {"dataset_dir": str(dataset_dir), "output_dir": str(out), "fold": fold,
                               "num_workers": num_workers}
     if device:
@@ -379,48 +390,50 @@ def run_transfer_row(
     splits = load_or_create_splits(dataset_dir, split_file, n_folds, seed)
     wanted = {f: transfer_csv_path(results_dir, variant, row, f, fold_role(row, f, n_folds)) for f in range(n_folds)}
     summary_path = transfer_summary_path(results_dir, variant, row)
-    done = lambda: summary_path.is_file() and all(p.is_file() for p in wanted.values())  # noqa: E731
-    if done():
-        logger.info(f"{variant} transfer row {row}: results exist, skipped")
-        return {"variant": variant, "row": row, "skipped": True}
     out = Path(runs_dir) / variant / f"train{row}"
-    with _RunLock(out / "run.lock") as lock:
-        if not lock.acquired:
-            logger.info(f"{variant} transfer row {row}: another live process holds {lock.path}, skipped")
-            return {"variant": variant, "row": row, "skipped": True, "busy": True}
-        if done():  # finished by another worker meanwhile
-            return {"variant": variant, "row": row, "skipped": True}
-        started = time.time()
-        common: dict[str, Any] = {**config, "output_dir": str(out), "num_workers": num_workers}
-        if device:
-            common["device"] = f"$torch.device('{device}')"
-        log_path = out / "experiment.log"
-        train_info = _train_once(variant, out, common, max_epochs, overrides, TRANSFER_TRAIN, log_path)
-        from bundle.figures import export_curves  # figures imports this module
+    return _run_once(
+        {"variant": variant, "row": row}, f"{variant} transfer row {row}", out,
+        lambda: summary_path.is_file() and all(p.is_file() for p in wanted.values()),
+        lambda: _run_transfer_row_locked(variant, row, out, results_dir, max_epochs, device, num_workers, overrides,
+                                         config, split_file, n_folds, folds, splits, wanted, summary_path),
+    )
 
-        export_curves(out / "logs", Path(results_dir) / variant / f"train{row}_curves.csv")
-        _bundle_run("evaluating", _configs(variant, TRANSFER_EVALUATE, overrides), {**common, "eval_part": "all"},
-                    log_path)
-        per_image = out / "eval" / f"fold{row}_all_model" / "metrics_per_image.csv"
-        fold_of = {i: f for f, fold in enumerate(splits["folds"]) for i in fold["ids"]}
-        header, rows = _split_rows_by_fold(per_image, fold_of)
-        columns = {}
-        for f, path in wanted.items():
-            got, expected = sorted(r[0] for r in rows.get(f, [])), sorted(splits["folds"][f]["ids"])
-            if got != expected:
-                raise RuntimeError(f"{per_image}: fold {f} has rows for {got}, expected the split's {expected}")
-            _write_csv_atomic(path, header, rows[f])
-            columns[str(f)] = {"role": fold_role(row, f, n_folds), "groups": splits["folds"][f]["groups"],
-                               "n_images": len(rows[f]), "mean": per_image_means(path)}
-        groups = lambda part: [g for f in folds[part] for g in splits["folds"][f]["groups"]]  # noqa: E731
-        _write_json(summary_path, {
-            "variant": variant, "row": row, "train_fold": folds["train"][0], "val_fold": folds["val"][0],
-            "test_folds": folds["test"], "train_groups": groups("train"), "val_groups": groups("val"),
-            "test_groups": groups("test"), "split_file": Path(split_file).name, "columns": columns,
-            "schedule": train_info.get("schedule"), "train_seconds": train_info.get("seconds"),
-            "checkpoint": _relative(out / "models" / "model.pt"), **_trainer_state(out), **_best_validation(out),
-        })
-        return {"variant": variant, "row": row, "skipped": False, "seconds": round(time.time() - started, 1)}
+
+def _run_transfer_row_locked(variant, row, out, results_dir, max_epochs, device, num_workers, overrides, config,
+                             split_file, n_folds, folds, splits, wanted, summary_path) -> dict[str, Any]:
+    from bundle.transfer import fold_role
+
+    started = time.time()
+    common: dict[str, Any] = {**config, "output_dir": str(out), "num_workers": num_workers}
+    if device:
+        common["device"] = f"$torch.device('{device}')"
+    log_path = out / "experiment.log"
+    train_info = _train_once(variant, out, common, max_epochs, overrides, TRANSFER_TRAIN, log_path)
+    from bundle.figures import export_curves  # figures imports this module
+
+    export_curves(out / "logs", Path(results_dir) / variant / f"train{row}_curves.csv")
+    _bundle_run("evaluating", _configs(variant, TRANSFER_EVALUATE, overrides), {**common, "eval_part": "all"},
+                log_path)
+    per_image = out / "eval" / f"fold{row}_all_model" / "metrics_per_image.csv"
+    fold_of = {i: f for f, fold in enumerate(splits["folds"]) for i in fold["ids"]}
+    header, rows = _split_rows_by_fold(per_image, fold_of)
+    columns = {}
+    for f, path in wanted.items():
+        got, expected = sorted(r[0] for r in rows.get(f, [])), sorted(splits["folds"][f]["ids"])
+        if got != expected:
+            raise RuntimeError(f"{per_image}: fold {f} has rows for {got}, expected the split's {expected}")
+        _write_csv_atomic(path, header, rows[f])
+        columns[str(f)] = {"role": fold_role(row, f, n_folds), "groups": splits["folds"][f]["groups"],
+                           "n_images": len(rows[f]), "mean": per_image_means(path)}
+    groups = lambda part: [g for f in folds[part] for g in splits["folds"][f]["groups"]]  # noqa: E731
+    _write_json(summary_path, {
+        "variant": variant, "row": row, "train_fold": folds["train"][0], "val_fold": folds["val"][0],
+        "test_folds": folds["test"], "train_groups": groups("train"), "val_groups": groups("val"),
+        "test_groups": groups("test"), "split_file": Path(split_file).name, "columns": columns,
+        "schedule": train_info.get("schedule"), "train_seconds": train_info.get("seconds"),
+        "checkpoint": _relative(out / "models" / "model.pt"), **_trainer_state(out), **_best_validation(out),
+    })
+    return {"variant": variant, "row": row, "skipped": False, "seconds": round(time.time() - started, 1)}
 
 
 def _split_rows_by_fold(csv_path: Path, fold_of: dict[str, int]) -> tuple[list[str], dict[int, list[list[str]]]]:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bundle.experiments import TABLE_METRICS, collect
+from bundle.experiments import TABLE_METRICS, VARIANTS, collect, transfer_fold_names, transfer_matrix
 
 #: per-epoch scalars worth keeping (train_loss is logged per iteration and left out)
 CURVE_TAGS = ("val_mean_dice", "val_iou", "val_bf1", "val_hd95", "loss_total", "loss_seg", "loss_edge", "loss_glga", "lr")
@@ -131,8 +131,6 @@ def plot_transfer_heatmap(results_dir: str | os.PathLike, out_png: str | os.Path
     (it chose the checkpoint) and training organ are hatched grey and labelled "val" / "train"."""
     from matplotlib.patches import Rectangle
 
-    from bundle.experiments import transfer_fold_names, transfer_matrix  # lazily: new names of that module
-
     plt = _pyplot()
     cells = transfer_matrix(results_dir, variant, metric)
     if not cells:
@@ -215,7 +213,6 @@ def prediction_panels(
     from PIL import Image
 
     from bundle import bundle_root
-    from bundle.experiments import VARIANTS
     from bundle.io import load_weights, read_image
     from bundle.visualize import contour_overlay
 
