@@ -419,6 +419,17 @@ def to_model_scale(
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def maps_to_native(
+    maps: Sequence[np.ndarray], out_y: tuple[int, int], out_x: tuple[int, int], in_y: tuple[int, int],
+    in_x: tuple[int, int], native_shape: tuple[int, int], model_shape: tuple[int, int],
+) -> list[np.ndarray]:
+    """The native window ``out_y x out_x`` of probability maps brought back from model scale by bilinear resizing
+    (``F.interpolate``, as ``Invertd`` does), from their model-scale crop ``in_y x in_x``; float32, clipped to [0, 1]."""
+    ry = resample_matrix(out_y, in_y, native_shape[0], model_shape[0], "bilinear")
+    rx = resample_matrix(out_x, in_x, native_shape[1], model_shape[1], "bilinear")
+    return [np.clip(np.asarray((rx @ np.asarray(ry @ m).T).T, np.float32), 0.0, 1.0) for m in maps]
+
+
 def _blur_radius(n_in: int, n_out: int) -> int:
     k = _antialias_kernel(n_in, n_out)
     return 0 if k is None else len(k) // 2
@@ -610,9 +621,7 @@ def segment_blocks(
         for bx in _split(gx.native_core, post_chunk):
             wy = (max(gy.native_exact[0], by[0] - post_halo), min(gy.native_exact[1], by[1] + post_halo))
             wx = (max(gx.native_exact[0], bx[0] - post_halo), min(gx.native_exact[1], bx[1] + post_halo))
-            ry = resample_matrix(wy, gy.exact, native_shape[0], model_shape[0], "bilinear")
-            rx = resample_matrix(wx, gx.exact, native_shape[1], model_shape[1], "bilinear")
-            up = [np.clip(np.asarray((rx @ np.asarray(ry @ m).T).T, np.float32), 0.0, 1.0) for m in (maps.region, maps.boundary)]
+            up = maps_to_native([maps.region, maps.boundary], wy, wx, gy.exact, gx.exact, native_shape, model_shape)
             if post_scale == "native":
                 inst = instances_from_maps(up[0], up[1], params)
                 cy, cx = _centroids(inst)

@@ -17,7 +17,7 @@ import numpy as np
 from bundle.inference import scale_factor
 from bundle.instances import ValItem, WatershedParams, score_watershed, tune_watershed
 from bundle.io import read_image, read_label
-from bundle.tiling import ArraySource, image_statistics, model_size, predict_chunks, resample_matrix
+from bundle.tiling import ArraySource, image_statistics, maps_to_native, model_size, predict_chunks
 
 __all__ = ["THRESHOLD_GRID", "SIZE_GRID", "model_scale_maps", "validation_items", "native_items", "scaled_grid",
            "tune_in_stages"]
@@ -91,9 +91,7 @@ def native_items(items: Sequence[ValItem]) -> list[ValItem]:
     out = []
     for region, boundary, gt in items:
         (h, w), (hm, wm) = np.shape(gt), np.shape(region)
-        ry = resample_matrix((0, h), (0, hm), h, hm, "bilinear")
-        rx = resample_matrix((0, w), (0, wm), w, wm, "bilinear")
-        up = [np.clip(np.asarray((rx @ np.asarray(ry @ m).T).T, np.float32), 0.0, 1.0) for m in (region, boundary)]
+        up = maps_to_native([region, boundary], (0, h), (0, w), (0, hm), (0, wm), (h, w), (hm, wm))
         out.append((up[0], up[1], gt))
     return out
 
