@@ -77,7 +77,7 @@ def _configs(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str
     return "[" + ",".join(repr(str(f)) for f in _config_files(variant, pipeline, overrides)) + "]"
 
 
-def _bundle_run(run_id: str, config_file: str, overrides: dict[str, Any], log_path: Path) -> None:
+def bundle_run(run_id: str, config_file: str, overrides: dict[str, Any], log_path: Path) -> None:
     """``python -m monai.bundle run <run_id>`` in a subprocess (a fresh process per run: memory is returned)."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file]
     for key, value in overrides.items():
@@ -191,7 +191,7 @@ def _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, d
     export_curves(out / "logs", Path(results_dir) / variant / f"fold{fold}_curves.csv")
     for resolution, (csv_path, json_path) in zip(RESOLUTIONS, wanted):
         eval_dir = out / "eval" / f"fold{fold}_test_{resolution}"
-        _bundle_run("evaluating", _configs(variant, ["configs/evaluate.json"], overrides),
+        bundle_run("evaluating", _configs(variant, ["configs/evaluate.json"], overrides),
                     {**common, "eval_part": "test", "eval_resolution": resolution}, log_path)
         summary = json.loads((eval_dir / "metrics_summary.json").read_text())
         summary.update(variant=variant, fold=fold, resolution=resolution, schedule=train_info.get("schedule"),
@@ -211,7 +211,7 @@ def _train_once(variant: str, out: Path, common: dict[str, Any], max_epochs: int
         started = time.time()
         resume = (out / "models" / "checkpoint.pt").is_file()
         epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
-        _bundle_run("training", _configs(variant, pipeline, overrides), {**common, **epochs, "resume": resume}, log_path)
+        bundle_run("training", _configs(variant, pipeline, overrides), {**common, **epochs, "resume": resume}, log_path)
         _write_json(done, {"schedule": [Path(f).name for f in overrides], "seconds": round(time.time() - started, 1)})
     return json.loads(done.read_text())
 
@@ -412,7 +412,7 @@ def _run_transfer_row_locked(variant, row, out, results_dir, max_epochs, device,
     from bundle.figures import export_curves  # figures imports this module
 
     export_curves(out / "logs", Path(results_dir) / variant / f"train{row}_curves.csv")
-    _bundle_run("evaluating", _configs(variant, TRANSFER_EVALUATE, overrides), {**common, "eval_part": "all"},
+    bundle_run("evaluating", _configs(variant, TRANSFER_EVALUATE, overrides), {**common, "eval_part": "all"},
                 log_path)
     per_image = out / "eval" / f"fold{row}_all_model" / "metrics_per_image.csv"
     fold_of = {i: f for f, fold in enumerate(splits["folds"]) for i in fold["ids"]}

@@ -12,8 +12,8 @@ Every term is computed from logits in float32 with autocast off, so the loss is 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from torch import nn
 from torch.nn.modules.loss import _Loss
 
 from bundle.sobel import sobel_magnitude
@@ -58,7 +58,9 @@ class DSHFNLoss(_Loss):
 
     ``forward(pred, label)``: ``pred`` (N, 2, H, W) logits ``[region, boundary]`` as the network returns them in
     training, or (N, 1, H, W) region logits when the boundary decoder is ablated; ``label`` (N, 2, H, W)
-    ``[foreground, boundary]`` in {0, 1} (one channel is enough for a one-channel ``pred``).
+    ``[foreground, boundary]`` in {0, 1} (one channel is enough for a one-channel ``pred``), optionally with a
+    third channel, the per-pixel weight of ``L_edge`` (0 where the boundary is unknown: binary masks, see
+    :class:`bundle.transforms.NucleiTargetsd` ``kind_key``); ``L_edge`` is then the weighted mean.
 
     A zero weight switches its term off (e.g. ``gamma=0`` is the "w/o gradient-aligned loss" ablation): it adds
     nothing and passes no gradient, but is still computed without grad and logged so that runs stay comparable.
@@ -71,6 +73,8 @@ class DSHFNLoss(_Loss):
     Args:
         alpha, beta, gamma: weights of ``L_seg``, ``L_edge``, ``L_GLGA`` (>= 0).
         eps: :class:`GradientAlignedLoss`'s ``eps``.
+        edge_pos_weight: weight of the boundary pixels in ``L_edge`` (BCE ``pos_weight``); boundaries are a small
+            fraction of the pixels, and with weight 1 the boundary map stays faint.
         log_disabled_terms: also compute (without grad) and log terms whose weight is 0.
     """
 
@@ -80,6 +84,7 @@ class DSHFNLoss(_Loss):
         beta: float = 0.2,
         gamma: float = 0.2,
         eps: float = 1e-6,
+        edge_pos_weight: float = 1.0,
         log_disabled_terms: bool = True,
     ) -> None:
         super().__init__()
@@ -91,9 +96,20 @@ class DSHFNLoss(_Loss):
         self.weights = {"seg": float(alpha), "edge": float(beta), "glga": float(gamma)}
         self.log_disabled_terms = log_disabled_terms
         self.seg_loss = DiceCELoss(sigmoid=True)
-        self.edge_loss = nn.BCEWithLogitsLoss()
+        if not edge_pos_weight > 0:
+            raise ValueError(f"DSHFNLoss: edge_pos_weight must be > 0, got {edge_pos_weight}")
+        self.edge_pos_weight = float(edge_pos_weight)
         self.glga_loss = GradientAlignedLoss(eps=eps)
         self.last_terms: dict[str, torch.Tensor] = {}
+
+    def edge_loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """BCE with logits on the boundary (``pos_weight`` = ``edge_pos_weight``), mean over pixels of non-zero
+        ``weight`` (all pixels when None); 0 (with a zero gradient) when no pixel counts."""
+        pos_weight = logits.new_tensor(self.edge_pos_weight)
+        bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pos_weight, reduction="none")
+        if weight is None:
+            return bce.mean()
+        return (bce * weight).sum() / weight.sum().clamp_min(1.0)
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         if pred.ndim != 4 or pred.shape[1] not in (1, 2):
@@ -119,7 +135,8 @@ class DSHFNLoss(_Loss):
                 "glga": (self.glga_loss, pred[:, :1], label[:, :1]),
             }
             if has_edge:
-                inputs["edge"] = (self.edge_loss, pred[:, 1:2], label[:, 1:2])
+                weight = label[:, 2:3] if label.shape[1] > 2 else None
+                inputs["edge"] = (lambda x, y, w=weight: self.edge_loss(x, y, w), pred[:, 1:2], label[:, 1:2])
             total = pred.new_zeros(())
             terms: dict[str, torch.Tensor] = {}
             for name in TERMS:

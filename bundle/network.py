@@ -278,18 +278,29 @@ class AdditiveFusion(nn.Module):
         return self.out(total)
 
 
+UPSAMPLES = ("transpose", "bilinear")
+
+
 class DecoderStage(nn.Module):
     """One decoder upsampling stage, eq. 15-16 (and 18): ``GELU(BN(ConvTranspose2x2(x)))`` doubles the
     resolution, the 1x1-projected encoder skip is concatenated, and a Conv3x3-BN-GELU merges the two
-    (an addition to eq. 15: without it the skip would only meet the decoder features in the 1x1 head)."""
+    (an addition to eq. 15: without it the skip would only meet the decoder features in the 1x1 head).
 
-    def __init__(self, in_channels: int, out_channels: int, skip_in_channels: int, skip_channels: int) -> None:
+    ``upsample="bilinear"`` replaces the 2x2 stride-2 transposed convolution (each output pixel of a 2x2 cell
+    gets its own kernel tap, a period-2 checkerboard in the maps) by bilinear upsampling + Conv3x3."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, skip_in_channels: int, skip_channels: int, upsample: str = "transpose"
+    ) -> None:
         super().__init__()
-        self.up = nn.Sequential(
-            nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.GELU(),
-        )
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"DecoderStage: upsample must be one of {UPSAMPLES}, got {upsample!r}")
+        if upsample == "transpose":
+            up: List[nn.Module] = [nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2, bias=False)]
+        else:
+            up = [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                  nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)]
+        self.up = nn.Sequential(*up, nn.BatchNorm2d(out_channels), nn.GELU())
         self.skip = nn.Conv2d(skip_in_channels, skip_channels, 1, bias=False)
         self.merge = conv_bn_act(out_channels + skip_channels, out_channels, nn.GELU)
 
@@ -305,13 +316,14 @@ class SegmentationDecoder(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, stage_channels: Sequence[int], skip_in_channels: Sequence[int]
+        self, in_channels: int, stage_channels: Sequence[int], skip_in_channels: Sequence[int],
+        upsample: str = "transpose",
     ) -> None:
         super().__init__()
         stages: List[nn.Module] = []
         prev = in_channels
         for ch, skip_in in zip(stage_channels, skip_in_channels):
-            stages.append(DecoderStage(prev, ch, skip_in, ch))
+            stages.append(DecoderStage(prev, ch, skip_in, ch, upsample))
             prev = ch
         self.stages = nn.ModuleList(stages)
         self.head = nn.Conv2d(prev, 1, 1)
@@ -396,6 +408,8 @@ class DSHFN(nn.Module):
         fusion: "hfem" (eq. 8-14) or "add" (w/o HFEM: :class:`AdditiveFusion`).
         boundary_decoder: False drops the boundary decoder and the refinement (w/o boundary decoder).
         refine_lambda: lambda of eq. 20, a fixed coefficient in [0, 1] (not learned; see :class:`MutualRefinement`).
+        upsample: decoder upsampling, "transpose" (eq. 15's transposed convolution) or "bilinear" (see
+            :class:`DecoderStage`).
     """
 
     def __init__(
@@ -409,6 +423,7 @@ class DSHFN(nn.Module):
         fusion: str = "hfem",
         boundary_decoder: bool = True,
         refine_lambda: float = 0.5,
+        upsample: str = "transpose",
     ) -> None:
         super().__init__()
         if streams not in STREAMS:
@@ -454,12 +469,12 @@ class DSHFN(nn.Module):
         strides = list(range(n_skips - 1, -1, -1))  # decoder stages, coarsest first
         stage_channels = [min(fused, features // 2 * 2**k) for k in strides]
         seg_skip_in = [sum(w[k] for w in stream_widths) for k in strides]
-        self.segmentation_decoder = SegmentationDecoder(fused, stage_channels, seg_skip_in)
+        self.segmentation_decoder = SegmentationDecoder(fused, stage_channels, seg_skip_in, upsample)
         self.boundary_decoder: BoundaryDecoder | None = None
         self.refinement: MutualRefinement | None = None
         if boundary_decoder:
             edge_skip_in = [stream_widths[self.boundary_source][k] for k in strides]
-            self.boundary_decoder = BoundaryDecoder(fused, stage_channels, edge_skip_in)
+            self.boundary_decoder = BoundaryDecoder(fused, stage_channels, edge_skip_in, upsample)
             self.refinement = MutualRefinement(refine_lambda)
 
         self.apply(_he_init)

@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Recipe probes on the multi-dataset validation split (configs/recipe/): train each probe for the same CPU-time
+budget, then score it on the validation tiles with its own tuned watershed (bundle.recipe).
+
+    # two probes at a time, one thread each (resumable: finished probes are skipped)
+    OMP_NUM_THREADS=1 python scripts/recipe.py run --probes baseline scale_025 --data_root ../shared/data
+    python scripts/recipe.py table --results_dir docs/results/recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bundle.recipe import load_probes, recipe_table, run_probe  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train and score probes")
+    r.add_argument("--probes", nargs="+", required=True, help="probe names of --probe_file")
+    r.add_argument("--probe_file", default=str(ROOT / "configs" / "recipe" / "probes.json"))
+    r.add_argument("--data_root", required=True, help="folder holding tnbc/, monuseg/, consep/")
+    r.add_argument("--budget_minutes", type=float, default=15.0, help="CPU minutes of training per probe")
+    r.add_argument("--runs_dir", default=str(ROOT / "runs" / "recipe"))
+    r.add_argument("--results_dir", default=str(ROOT / "docs" / "results" / "recipe"))
+    t = sub.add_parser("table", help="markdown table of the scored probes")
+    t.add_argument("--results_dir", default=str(ROOT / "docs" / "results" / "recipe"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.cmd == "table":
+        print(recipe_table(args.results_dir))
+        return 0
+    probes = load_probes(args.probe_file)
+    unknown = [n for n in args.probes if n not in probes]
+    if unknown:
+        p.error(f"unknown probe(s) {unknown}; {args.probe_file} has {sorted(probes)}")
+    for name in args.probes:
+        res = run_probe(name, probes[name], args.data_root, args.runs_dir, args.results_dir, args.budget_minutes)
+        logging.info("%s: %s", name, json.dumps(res["instance_sets"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
