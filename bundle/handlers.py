@@ -188,3 +188,40 @@ class LearningRateLogger:
 
     def __call__(self, engine: Engine) -> None:
         engine.state.metrics[self.name] = float(self.optimizer.param_groups[0]["lr"])
+
+
+class TrainingBudget:
+    """Stop training at the end of the first epoch after ``minutes`` of this process's CPU time
+    (``time.process_time``), so runs compared under one budget get the same compute whatever else the machine runs.
+
+    Written because ignite's ``TimeLimit`` counts wall-clock seconds, which a second job on the same cores stretches.
+    With several threads the CPU time grows faster than the wall clock: compare runs at the same thread count.
+    The budget counts from the first epoch of this process (a resumed run gets a new budget).
+    """
+
+    def __init__(self, minutes: float) -> None:
+        if not minutes > 0:
+            raise ValueError(f"TrainingBudget: minutes must be > 0, got {minutes}")
+        self.seconds = 60.0 * float(minutes)
+        self.start: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def started(self, engine: Engine) -> None:
+        if self.start is None:
+            import time
+
+            self.start = time.process_time()
+
+    def used(self) -> float:
+        """CPU seconds used since the first epoch started (0 before)."""
+        import time
+
+        return 0.0 if self.start is None else time.process_time() - self.start
+
+    def __call__(self, engine: Engine) -> None:
+        if self.used() >= self.seconds:
+            logger.info(f"training budget of {self.seconds / 60:.1f} CPU minutes used up after epoch {engine.state.epoch}")
+            engine.terminate()
