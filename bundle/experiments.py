@@ -168,6 +168,20 @@ class _RunLock:
             self.path.unlink(missing_ok=True)
 
 
+def device_name(device: str) -> str:
+    """``device`` as DATA for a config override: validated by ``torch.device`` ('cpu', 'cuda', 'cuda:1', 'mps'...)
+    and passed on as its canonical name, a plain string the configs use as ``@device``. Never pasted into a
+    ``$...`` expression: MONAI evaluates those, so a crafted value would run as code."""
+    import torch
+
+    try:
+        return str(torch.device(str(device)))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        from bundle.io import DataError
+
+        raise DataError(f"--device {device!r}: not a torch device ({exc}). Give cpu, cuda or cuda:N") from None
+
+
 def _alive(lock: Path) -> bool:
     try:
         pid = int(lock.read_text().strip() or 0)
@@ -182,7 +196,7 @@ def _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, d
     common: dict[str, Any] = {"dataset_dir": str(dataset_dir), "output_dir": str(out), "fold": fold,
                               "num_workers": num_workers}
     if device:
-        common["device"] = f"$torch.device('{device}')"
+        common["device"] = device_name(device)
     log_path = out / "experiment.log"
     started = time.time()
     train_info = _train_once(variant, out, common, max_epochs, overrides, (), log_path)
@@ -223,7 +237,7 @@ def _trainer_state(run_dir: Path) -> dict[str, int | None]:
         return {"epochs_run": None, "max_epochs": None}
     import torch
 
-    trainer = torch.load(ckpt, map_location="cpu", weights_only=False).get("trainer") or {}
+    trainer = torch.load(ckpt, map_location="cpu", weights_only=True).get("trainer") or {}
     epochs = None
     if trainer.get("epoch_length"):  # ignite stores iteration and epoch_length, not the epoch
         epochs = int(trainer["iteration"]) // int(trainer["epoch_length"])
@@ -406,7 +420,7 @@ def _run_transfer_row_locked(variant, row, out, results_dir, max_epochs, device,
     started = time.time()
     common: dict[str, Any] = {**config, "output_dir": str(out), "num_workers": num_workers}
     if device:
-        common["device"] = f"$torch.device('{device}')"
+        common["device"] = device_name(device)
     log_path = out / "experiment.log"
     train_info = _train_once(variant, out, common, max_epochs, overrides, TRANSFER_TRAIN, log_path)
     from bundle.figures import export_curves  # figures imports this module
@@ -479,7 +493,7 @@ def _best_validation(run_dir: Path) -> dict[str, float | int | None]:
         return {"best_val_dice": None, "best_val_epoch": None}
     import torch
 
-    best = torch.load(ckpt, map_location="cpu", weights_only=False).get("validator_best") or {}
+    best = torch.load(ckpt, map_location="cpu", weights_only=True).get("validator_best") or {}
     return {"best_val_dice": best.get("best_metric"), "best_val_epoch": best.get("best_metric_epoch")}
 
 

@@ -163,9 +163,13 @@ class ResumableCheckpoint:
             logger.warning(f"resume requested but {self.save_path} does not exist: starting from epoch 0")
             return
         try:
-            ckpt = torch.load(self.save_path, map_location=self.map_location, weights_only=False)
+            # weights_only: tensors and plain containers/numbers only (what save() writes), so a planted file cannot
+            # run code on load
+            ckpt = torch.load(self.save_path, map_location=self.map_location, weights_only=True)
         except Exception as e:  # a truncated or foreign file: say which and what to do
-            raise RuntimeError(f"cannot read checkpoint {self.save_path} ({e}); delete it or set resume to false") from e
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise RuntimeError(f"cannot read checkpoint {self.save_path} ({type(e).__name__}: {first}); "
+                               "delete it or set resume to false") from e
         objs = {k: v for k, v in self._objects(engine).items() if k in ckpt}
         max_epochs = engine.state.max_epochs
         Checkpoint.load_objects(to_load=objs, checkpoint=ckpt)
