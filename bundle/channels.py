@@ -19,7 +19,7 @@ import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.transforms import MapTransform, RandomizableTransform, Transform
 from monai.utils import convert_to_dst_type
-from skimage.color import hed2rgb, rgb2hed
+from skimage.color import hed2rgb, hed_from_rgb, rgb2hed
 
 from bundle.transforms import LUMA_WEIGHTS
 
@@ -37,14 +37,16 @@ def input_channels(mode: str) -> int:
 
 
 def rgb_to_input(rgb: np.ndarray, mode: str) -> np.ndarray:
-    """(..., 3) RGB 0..255 (any float or uint8 array) -> (..., C) float32 input channels of ``mode``, about 0..1."""
+    """(..., 3) RGB 0..255 (any float or uint8 array, clipped to 0..255) -> (..., C) float32 input channels of
+    ``mode``, about 0..1."""
     input_channels(mode)
-    x = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
+    # clipped: the bicubic resize to model scale overshoots 0..255 at sharp edges
+    x = np.clip(np.asarray(rgb, dtype=np.float32) / np.float32(255.0), 0.0, 1.0)
     if mode == "rgb":
         return x
     if mode == "gray":
         return (x @ np.asarray(LUMA_WEIGHTS["bt601"], np.float32))[..., None]
-    return rgb2hed(np.clip(x, 0.0, 1.0))[..., :1].astype(np.float32)
+    return rgb2hed(x)[..., :1].astype(np.float32)
 
 
 class ModelInput(Transform):
@@ -76,6 +78,13 @@ class ModelInputd(MapTransform):
         return d
 
 
+def rgb_to_hed_unclipped(rgb01: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB 0..1 -> HED optical densities as ``skimage.color.rgb2hed`` computes them, without its clipping
+    of negative densities to 0, so that ``hed2rgb`` gives the colour back: H&E tiles have many pixels outside the
+    stain cone (negative DAB density), which the clipping shifted by up to ~70 grey levels at zero jitter."""
+    return (np.log(np.maximum(rgb01, 1e-6)) / np.log(1e-6)) @ hed_from_rgb
+
+
 class RandHEDJitterd(RandomizableTransform, MapTransform):
     """With probability ``prob``: RGB 0..255 -> HED optical densities, ``hed * U(1-scale, 1+scale) + U(-shift,
     shift)`` per stain, -> RGB 0..255 (Tellez et al. 2018). Apply to the RGB image before :class:`ModelInputd`."""
@@ -103,7 +112,7 @@ class RandHEDJitterd(RandomizableTransform, MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-            hed = rgb2hed(np.clip(np.moveaxis(arr, 0, -1) / 255.0, 0.0, 1.0))
+            hed = rgb_to_hed_unclipped(np.clip(np.moveaxis(arr, 0, -1) / 255.0, 0.0, 1.0))
             rgb = hed2rgb(hed * self._alpha + self._beta)
             out = np.moveaxis(np.clip(rgb, 0.0, 1.0) * 255.0, -1, 0).astype(np.float32)
             d[key] = convert_to_dst_type(np.ascontiguousarray(out), img)[0]

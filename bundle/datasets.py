@@ -28,7 +28,8 @@ from typing import Any
 from bundle.data import make_splits, meta_hash, validate_dataset
 from bundle.io import DataError, image_size, write_text_atomic
 
-__all__ = ["SPLIT_KIND", "make_recipe_split", "load_or_create_recipe_split", "datasets_datalist", "crop_indices"]
+__all__ = ["SPLIT_KIND", "resolve_datasets", "make_recipe_split", "load_or_create_recipe_split", "datasets_datalist",
+           "crop_indices", "with_pixel_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,33 @@ def _check_datasets(datasets: Mapping[str, Mapping[str, Any]]) -> None:
             )
 
 
+def resolve_datasets(
+    datasets: Mapping[str, Mapping[str, Any]], dataset_dir: str | os.PathLike | None = None,
+    pixel_size: float = 0.25, download: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """The datasets a run trains on: ``{folder name: {"dir": dataset_dir, "pixel_size": pixel_size}}`` when
+    ``dataset_dir`` is given (one dataset of your own), else ``datasets`` with every folder checked. ``download``
+    fetches TNBC (:func:`bundle.data.ensure_dataset`) into a missing ``dataset_dir`` or a missing ``"tnbc"`` entry."""
+    from bundle.data import ensure_dataset
+
+    if dataset_dir:
+        path = ensure_dataset(dataset_dir, download=download)
+        out = {Path(path).name: {"dir": str(path), "pixel_size": float(pixel_size)}}
+    else:
+        out = {name: dict(spec) for name, spec in datasets.items()}
+    _check_datasets(out)
+    for name, spec in out.items():
+        folder = Path(spec["dir"])
+        if name == "tnbc" and download and not folder.is_dir():
+            spec["dir"] = str(ensure_dataset(folder, download=True))
+        elif not folder.is_dir():
+            raise DataError(
+                f"{folder}: dataset {name!r} not found. Pass --data_root (the folder holding "
+                f"{', '.join(sorted(out))}), --dataset_dir for one dataset of your own, or --datasets"
+            )
+    return out
+
+
 def make_recipe_split(datasets: Mapping[str, Mapping[str, Any]], seed: int = 42) -> dict[str, Any]:
     """Per dataset: validation = fold 0 of its grouped 5-fold split (seed ``seed``), training = the rest."""
     _check_datasets(datasets)
@@ -70,9 +98,11 @@ def make_recipe_split(datasets: Mapping[str, Mapping[str, Any]], seed: int = 42)
 
 
 def load_or_create_recipe_split(
-    datasets: Mapping[str, Mapping[str, Any]], split_file: str | os.PathLike, seed: int = 42
+    datasets: Mapping[str, Mapping[str, Any]], split_file: str | os.PathLike, seed: int = 42,
+    known_split: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Read ``split_file``, adding (and writing) the split of any dataset it does not hold yet."""
+    """Read ``split_file``, adding (and writing) the split of any dataset it does not hold yet: taken from
+    ``known_split`` (e.g. the bundle's committed split) when that holds it for the same meta.csv, else computed."""
     _check_datasets(datasets)
     path = Path(split_file)
     split: dict[str, Any] = {"kind": SPLIT_KIND, "seed": seed, "datasets": {}}
@@ -91,6 +121,16 @@ def load_or_create_recipe_split(
                     "Use another --split_file (or give the dataset another name) for changed data"
                 )
     missing = {n: s for n, s in datasets.items() if n not in split["datasets"]}
+    if missing and known_split is not None and Path(known_split).is_file() and Path(known_split) != path:
+        known = json.loads(Path(known_split).read_text(encoding="utf-8"))
+        if known.get("kind") == SPLIT_KIND and known.get("seed") == seed:
+            for name in list(missing):
+                entry = known["datasets"].get(name)
+                if entry is not None and entry["meta_csv_sha256"] == meta_hash(missing[name]["dir"]):
+                    split["datasets"][name] = entry
+                    del missing[name]
+            if not missing:
+                write_text_atomic(path, json.dumps(split, indent=2) + "\n")
     if missing:
         split["datasets"].update(make_recipe_split(missing, seed)["datasets"])
         try:
@@ -102,13 +142,14 @@ def load_or_create_recipe_split(
 
 
 def datasets_datalist(
-    datasets: Mapping[str, Mapping[str, Any]], split_file: str | os.PathLike, part: str = "train", seed: int = 42
+    datasets: Mapping[str, Mapping[str, Any]], split_file: str | os.PathLike, part: str = "train", seed: int = 42,
+    known_split: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Datalist of ``part`` ("train", "val" or "all") over every dataset: ``{"image", "label", "label_kind",
-    "id", "group", "dataset", "pixel_size"}`` per tile."""
+    """Datalist of ``part`` ("train", "val" or "all": both) over every dataset: ``{"image", "label",
+    "label_kind", "id", "group", "dataset", "pixel_size"}`` per tile."""
     if part not in ("train", "val", "all"):
         raise ValueError(f"part must be 'train', 'val' or 'all', got {part!r}")
-    split = load_or_create_recipe_split(datasets, split_file, seed) if part != "all" else None
+    split = load_or_create_recipe_split(datasets, split_file, seed, known_split) if part != "all" else None
     out = []
     for name, spec in datasets.items():
         items = {it["id"]: it for it in validate_dataset(spec["dir"])}
@@ -132,3 +173,10 @@ def crop_indices(
         f = float(it["pixel_size"]) / float(model_pixel_size)
         out += [i] * max(1, math.ceil(round(h * f) * round(w * f) / crop - 1e-9))
     return out
+
+
+def with_pixel_size(datalist: Sequence[Mapping[str, Any]], pixel_size: float, dataset: str = "") -> list[dict[str, Any]]:
+    """``datalist`` items (e.g. :func:`bundle.data.get_datalist`'s) with ``pixel_size`` and ``dataset`` added, the
+    keys the training chain reads (:class:`bundle.inference.ToModelScaled` ``pixel_size_key``)."""
+    _check_datasets({dataset or "dataset": {"dir": "", "pixel_size": pixel_size}})
+    return [{**it, "pixel_size": float(pixel_size), "dataset": dataset or it.get("dataset", "")} for it in datalist]

@@ -44,6 +44,8 @@ VARIANTS: dict[str, list[str]] = {
     "no_glga": ["configs/variants/ablation_no_glga.json"],
     "dshfn_width32": ["configs/variants/dshfn_width32.json"],
 }
+#: the single-dataset k-fold datalists, merged after train.json (and evaluate.json) in every fold run
+KFOLD = "configs/experiments/kfold.json"
 ABLATIONS = ["dshfn", "local_only", "global_only", "additive_fusion", "no_boundary_decoder", "no_glga"]
 RESOLUTIONS = ("paper", "native")
 #: columns of the tables: (metric key in metrics_summary.json, label, higher is better)
@@ -199,13 +201,13 @@ def _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, d
         common["device"] = device_name(device)
     log_path = out / "experiment.log"
     started = time.time()
-    train_info = _train_once(variant, out, common, max_epochs, overrides, (), log_path)
+    train_info = _train_once(variant, out, common, max_epochs, overrides, (KFOLD,), log_path)
     from bundle.figures import export_curves  # figures imports this module
 
     export_curves(out / "logs", Path(results_dir) / variant / f"fold{fold}_curves.csv")
     for resolution, (csv_path, json_path) in zip(RESOLUTIONS, wanted):
         eval_dir = out / "eval" / f"fold{fold}_test_{resolution}"
-        bundle_run("evaluating", _configs(variant, ["configs/evaluate.json"], overrides),
+        bundle_run("evaluating", _configs(variant, ["configs/evaluate.json", KFOLD], overrides),
                     {**common, "eval_part": "test", "eval_resolution": resolution}, log_path)
         summary = json.loads((eval_dir / "metrics_summary.json").read_text())
         summary.update(variant=variant, fold=fold, resolution=resolution, schedule=train_info.get("schedule"),

@@ -467,9 +467,10 @@ class NucleiTargetsd(MapTransform):
     """Dictionary form of :class:`NucleiTargets`: reads ``keys`` (default "label") and replaces them by the target.
 
     ``kind_key``: the item key naming the label kind (``"label_kind"`` of the datalists). When set, a third
-    channel is added: the boundary weight, 1 for instance labels and 0 for binary masks, whose merged blobs
-    hide the borders between touching nuclei (:class:`bundle.losses.DSHFNLoss` then trains the boundary
-    decoder on instance-labelled tiles only and the region decoder on all).
+    channel is added: the boundary weight, 1 for instance labels and ``binary_weight`` (default 0) for binary
+    masks, whose merged blobs hide the borders between touching nuclei (:class:`bundle.losses.DSHFNLoss` then
+    trains the boundary decoder on instance-labelled tiles only and the region decoder on all). Training on
+    binary masks alone, set ``binary_weight=1`` so the boundary decoder learns the blob contours.
     """
 
     def __init__(
@@ -479,11 +480,13 @@ class NucleiTargetsd(MapTransform):
         connectivity: int = 1,
         width: int = 1,
         kind_key: str | None = None,
+        binary_weight: float = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.targets = NucleiTargets(mode, connectivity, width)
         self.kind_key = kind_key
+        self.binary_weight = float(binary_weight)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -492,7 +495,7 @@ class NucleiTargetsd(MapTransform):
             if self.kind_key is not None:
                 if self.kind_key not in d:
                     raise KeyError(f"NucleiTargetsd: item has no {self.kind_key!r} (instance or binary); keys: {sorted(map(str, d))}")
-                weight = target[:1] * 0 + (0.0 if d[self.kind_key] == "binary" else 1.0)
+                weight = target[:1] * 0 + (self.binary_weight if d[self.kind_key] == "binary" else 1.0)
                 target = torch.cat([target, weight]) if isinstance(target, torch.Tensor) else np.concatenate([target, weight])
             d[key] = target
         return d

@@ -2,9 +2,10 @@
 """Benchmarks: this bundle's components side by side with their baselines, reported as ratios.
 
     python scripts/benchmark.py                    # every suite
-    python scripts/benchmark.py --suite network    # DS-HFN vs MONAI BasicUNet (issue 3)
-    python scripts/benchmark.py --suite metrics    # BF1/HD95 vs MONAI HausdorffDistanceMetric (issue 4)
-    python scripts/benchmark.py --suite inference  # one 1000x1000 tile: read / normalise / network / post / write (issue 6)
+    python scripts/benchmark.py --suite network    # DS-HFN vs MONAI BasicUNet
+    python scripts/benchmark.py --suite metrics    # BF1/HD95 vs MONAI HausdorffDistanceMetric
+    python scripts/benchmark.py --suite inference  # one 1000x1000 tile: read / normalise / network / post / write
+    python scripts/benchmark.py --suite cost       # inference cost per mm^2 of tissue vs HoVerNet(fast) and BasicUNet
     python scripts/benchmark.py --device cuda --amp
 
 Results print as markdown tables (paste into docs/benchmarks.md) and, with --json, are saved.
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bundle.bench import format_table  # noqa: E402
 
-SUITES = ["network", "metrics", "inference"]
+SUITES = ["network", "metrics", "inference", "cost"]
 
 
 def main(argv: list[str] | None = None) -> int:
