@@ -20,7 +20,6 @@ import io as _io
 import json
 import math
 import os
-import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -419,7 +418,11 @@ def write_instance_map(path: str | os.PathLike, instances: np.ndarray) -> Path:
     return path
 
 
-_TILE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+def _plain_stem(tile_id: object) -> bool:
+    """One file name component: any printable name (spaces, brackets, accents: what scanners and users
+    export) except a path (``/``, ``\\``), ``.``/``..`` or an empty one."""
+    return (isinstance(tile_id, str) and tile_id not in ("", ".", "..") and tile_id.isprintable()
+            and not any(c in tile_id for c in "/\\\0") and len(tile_id.encode("utf-8", "surrogateescape")) <= 200)
 
 
 def write_tile_outputs(
@@ -442,10 +445,9 @@ def write_tile_outputs(
     ``offset`` = (x, y) of the tile's top-left corner in slide pixels and ``scale`` = slide pixels per tile pixel,
     applied to GeoJSON coordinates and CSV centroids; the label map and overlay stay in tile pixels.
     """
-    if not isinstance(tile_id, str) or not _TILE_ID.match(tile_id):
+    if not _plain_stem(tile_id):
         raise ValueError(
-            f"write_tile_outputs: tile_id {tile_id!r} must be a plain file name stem "
-            "(letters, digits, '.', '_', '+', '-')"
+            f"write_tile_outputs: tile_id {tile_id!r} must be a file name stem (no '/', '\\', '..'; printable)"
         )
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:

@@ -24,6 +24,9 @@ __all__ = [
     "TIFF_SUFFIXES",
     "IMAGE_SUFFIXES",
     "read_image",
+    "to_uint8",
+    "to_rgb",
+    "check_single_frame",
     "read_label",
     "read_label_and_kind",
     "label_kind",
@@ -53,16 +56,38 @@ def _check_exists(path: Path) -> None:
         raise _fail(path, what, "Check the path, or re-create the dataset with scripts/prepare_data.py")
 
 
+def tiff_frames(tif) -> int:
+    """Number of full-size frames of an open ``tifffile.TiffFile``: top-level pages of page 0's shape that are not
+    reduced-resolution copies (pyramid levels, SVS thumbnails and label images have other shapes or flags)."""
+    pages = tif.pages
+    first = pages.first if hasattr(pages, "first") else pages[0]
+    n = 0
+    for page in pages:
+        if page.shape == first.shape and not int(getattr(page, "subfiletype", 0) or 0) & 1:
+            n += 1
+    return n
+
+
+def check_single_frame(tif, path: str | os.PathLike) -> None:
+    """Refuse a multi-frame TIFF (a stack, a time series, pages saved one after another): which frame is the tile
+    is the user's choice, not the reader's."""
+    n = tiff_frames(tif)
+    if n > 1:
+        raise _fail(path, f"holds {n} frames of the same size (a multi-page TIFF, a stack), expected one 2D image",
+                    "Save each frame as its own file (e.g. tifffile.imwrite per frame) and segment those")
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, int | None]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        if not tif.series:
+        if not tif.series or not len(tif.pages):
             raise ValueError("no image data in the TIFF")
         series = tif.series[0]
         arr, axes = series.asarray(), series.axes
         bits = getattr(tif.pages[0], "bitspersample", None)
-    arr = _tiff_to_yxs(arr, axes, path)
+        arr = _tiff_to_yxs(arr, axes, path)
+        check_single_frame(tif, path)
     container = arr.dtype.itemsize * 8 if arr.dtype.kind in "ui" else None
     return arr, (int(bits) if bits and container and int(bits) < container else None)
 
@@ -149,34 +174,79 @@ def _as_2d_planes(arr: np.ndarray, path: Path) -> np.ndarray:
     return arr
 
 
-def _to_uint8(arr: np.ndarray, bits: int | None, path: Path) -> np.ndarray:
-    """Scale integer data of any bit depth to uint8 by dropping the low bits; floats in [0, 1] are scaled by 255.
+def to_uint8(
+    arr: np.ndarray, path: str | os.PathLike, bits: int | None = None, value_range: tuple[float, float] | None = None
+) -> np.ndarray:
+    """THE rule for turning stored pixel values into 8-bit ones, used by every reader (whole tiles through
+    :func:`read_image`, regions of large TIFFs and slides through :class:`bundle.slide.WSISource`):
 
-    ``bits`` is the declared depth when it is smaller than the container (12-bit TIFF), so full-range
-    16-bit data maps by ``value >> 8`` and 12-bit data by ``value >> 4`` - a shift, not a min-max stretch,
-    so that the same pixel value always maps to the same output whatever else is in the tile.
+    - uint8 as stored; bool -> 0/255;
+    - unsigned integers of ``depth`` bits (``bits`` when the file declares fewer than its container holds, e.g.
+      12-bit data in a 16-bit TIFF; else the container): ``value >> (depth - 8)``, so full-range 16-bit data
+      (``v * 257``) gives back ``v`` - a shift, not a min-max stretch, so a value always maps to the same output
+      whatever else is in the image; negative values or values above the depth are refused;
+    - floats: in [0, 1] -> ``round(255 * x)``; in [0, 255] (max above 1) -> ``round(x)``; any other range,
+      NaN or infinity is refused.
+
+    ``value_range`` = (min, max) of the WHOLE image when ``arr`` is only a region of it: whether floats are
+    [0, 1] or [0, 255] data is decided on the whole image, so every region is scaled alike.
+    Raises :class:`DataError` naming ``path`` and what to do.
     """
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
+    lo, hi = value_range if value_range is not None else (
+        (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0))
     if arr.dtype.kind in "ui":
-        if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+        if arr.dtype.kind == "i" and arr.size and min(lo, float(arr.min())) < 0:
             raise _fail(path, "has negative pixel values", "Export the image as unsigned 8- or 16-bit")
         depth = bits or arr.dtype.itemsize * 8
         if arr.dtype.kind == "i" and bits is None and arr.dtype.itemsize > 2:
             # PIL opens 16-bit PNGs in mode "I" (int32) on some versions: infer 16-bit from the range
-            depth = 16 if arr.max(initial=0) < 2**16 else 32
+            depth = 16 if hi < 2**16 else 32
         shift = max(depth - 8, 0)
         if arr.size and int(arr.max()) >= 2**depth:
             raise _fail(path, f"has values above its declared {depth}-bit depth", "Re-export the image")
         return (arr.astype(np.uint64) >> shift).astype(np.uint8)
     if arr.dtype.kind == "f":
-        if arr.size and (not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1):
-            raise _fail(path, "is a floating-point image with values outside [0, 1]",
+        if arr.size and not np.isfinite(arr).all():
+            raise _fail(path, "is a floating-point image with NaN or infinite values",
                         "Export it as 8-bit RGB (uint8) PNG or TIFF")
-        return np.round(arr * 255.0).astype(np.uint8)
+        if lo < 0 or hi > 255 or (arr.size and (float(arr.min()) < 0 or float(arr.max()) > 255)):
+            raise _fail(path, f"is a floating-point image with values in [{lo:g}, {hi:g}], neither [0, 1] nor [0, 255]",
+                        "Export it as 8-bit RGB (uint8) PNG or TIFF, or scale it to [0, 1]")
+        scale = 255.0 if hi <= 1.0 else 1.0
+        return np.clip(np.round(arr.astype(np.float64) * scale), 0, 255).astype(np.uint8)
     raise _fail(path, f"has unsupported pixel type {arr.dtype}", "Export it as 8-bit RGB PNG or TIFF")
+
+
+_to_uint8 = to_uint8  # older name
+
+
+def to_rgb(arr: np.ndarray, path: str | os.PathLike, bits: int | None = None,
+           value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """(H, W[, C]) stored pixels -> (H, W, 3) uint8 RGB: :func:`to_uint8`, then gray replicated, an all-opaque
+    alpha dropped, a partly transparent one composited on WHITE (what a slide viewer shows). The channel rules
+    of :func:`read_image`, shared with the region readers of :mod:`bundle.slide`."""
+    arr = to_uint8(arr, path, bits, value_range)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    c = arr.shape[-1]
+    if c not in (1, 2, 3, 4):
+        raise _fail(path, f"has {c} samples per pixel, expected gray, gray+alpha, RGB or RGBA",
+                    "Export it as 8-bit RGB PNG or TIFF")
+    if c in (2, 4):
+        colour, alpha = arr[..., :-1], arr[..., -1:]
+        if (alpha == 255).all():
+            arr = colour
+        else:
+            a = alpha.astype(np.float32) / 255.0
+            arr = np.round(colour.astype(np.float32) * a + 255.0 * (1.0 - a)).astype(np.uint8)
+        c -= 1
+    if c == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -189,28 +259,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
       otherwise the colour is composited on a WHITE background (``rgb * a + 255 * (1 - a)``, rounded),
       which is what a slide viewer shows for transparent pixels;
     - 16-bit (or 12-bit declared in a TIFF) -> 8-bit by dropping the low bits (``value >> 8`` for full-range
-      16-bit); floats in [0, 1] -> ``round(255 * x)``.
+      16-bit); floats in [0, 1] -> ``round(255 * x)``, in [0, 255] -> ``round(x)``, others refused
+      (:func:`to_uint8`, the rule every reader shares);
+    - multi-frame files (GIF, multi-page TIFF) are refused: which frame is the tile is the user's choice.
 
     Raises :class:`DataError` (naming the file) for a missing, corrupt or non-2D file (a 3D stack, 1xN).
     """
     path = Path(path)
     arr, bits, _ = _read_raw(path)
-    arr = _as_2d_planes(arr, path)
-    arr = _to_uint8(arr, bits, path)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    c = arr.shape[-1]
-    if c in (2, 4):
-        colour, alpha = arr[..., :-1], arr[..., -1:]
-        if (alpha == 255).all():
-            arr = colour
-        else:
-            a = alpha.astype(np.float32) / 255.0
-            arr = np.round(colour.astype(np.float32) * a + 255.0 * (1.0 - a)).astype(np.uint8)
-        c -= 1
-    if c == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    return np.ascontiguousarray(arr)
+    return to_rgb(_as_2d_planes(arr, path), path, bits)
 
 
 def infer_label_kind(raw: np.ndarray) -> LabelKind:
@@ -250,6 +307,9 @@ def _label_plane(raw: np.ndarray, path: Path) -> np.ndarray:
     return raw
 
 
+_WARNED: set[str] = set()
+
+
 def read_label_and_kind(
     path: str | os.PathLike, kind: Literal["auto", "instance", "binary"] = "auto"
 ) -> tuple[np.ndarray, LabelKind]:
@@ -265,6 +325,15 @@ def read_label_and_kind(
     raw, _, _ = _read_raw(path)
     plane = _label_plane(raw, path)
     resolved: LabelKind = infer_label_kind(plane) if kind == "auto" else kind
+    if kind == "auto" and resolved == "instance" and plane.dtype == np.uint8 and str(path) not in _WARNED:
+        _WARNED.add(str(path))  # once per file and process, not every epoch
+        values = np.unique(plane)
+        import logging
+
+        logging.getLogger(__name__).warning(
+            f"{path}: 8-bit label map with {len(values)} values ({', '.join(map(str, values[:6].tolist()))}"
+            f"{', ...' if len(values) > 6 else ''}), not a 0/255 mask: read as an INSTANCE map (each value one "
+            "nucleus). If it is a mask, save it as 0/255 (or put it under masks/)")
     if resolved == "binary":
         return (plane != 0).astype(np.int32), "binary"
     return plane.astype(np.int32), "instance"
@@ -313,7 +382,10 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes[-2:]), dir=path.parent)
+    # the writer's pid in the name: a later run deletes the temp files of writers that died (kill -9) and only those
+    # (bundle.outputs.clean_stale_temp)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + "".join(path.suffixes[-2:]),
+                               dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -409,11 +481,24 @@ def load_weights(network, ckpt: str | os.PathLike | None, device="cpu") -> None:
         return
     if not Path(ckpt).is_file():
         raise DataError(f"{ckpt}: checkpoint not found. Train the bundle first or pass --ckpt models/model.pt")
-    state = torch.load(ckpt, map_location=device, weights_only=True)
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or pickled code that weights_only refuses
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{ckpt}: is not a readable PyTorch weights file ({type(exc).__name__}: {first}). "
+                        "Re-download or re-train it, or pass the shipped models/model.pt") from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise DataError(f"{ckpt}: holds a {type(state).__name__}, not a state dict of network weights. "
+                        "Save network.state_dict() (or {'model': network.state_dict()})")
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
-        raise DataError(f"{ckpt}: does not fit the network of the config ({str(exc).splitlines()[0]}). "
-                        "Use the config the checkpoint was trained with (--config_file)") from exc
+        missing = sorted(set(network.state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(network.state_dict()))
+        detail = (f"{len(missing)} weights missing, {len(unexpected)} unexpected, e.g. "
+                  f"{(missing or unexpected or ['a size mismatch'])[0]!r}" if missing or unexpected
+                  else str(exc).splitlines()[-1].strip()[:200])
+        raise DataError(f"{ckpt}: does not fit the network of the config ({detail}). "
+                        "Use the config the checkpoint was trained with (--config_file / network_def)") from exc

@@ -6,8 +6,10 @@ OpenSlide) decodes the WHOLE level for every patch (``wsi.asarray(level=...)`` t
 levels as top-level IFDs, so it misses SubIFD pyramids and counts an SVS thumbnail as a level.
 :class:`RegionTiffWSIReader` is that reader with two methods replaced: levels are tifffile's pyramid levels
 (``series[0].levels``), and a patch decodes only the TIFF tiles (or strips) it overlaps (:func:`read_tiff_region`),
-so reading a region costs memory and time proportional to the region. Where OpenSlide is installed, SVS/NDPI/MRXS
-slides go through MONAI's ``WSIReader(backend="openslide")`` instead.
+so reading a region costs memory and time proportional to the region. Vendor slides (SVS, NDPI, MRXS, SCN..., and
+TIFFs OpenSlide recognises as a vendor's) go through MONAI's ``WSIReader(backend="openslide")`` (``openslide-python``
+with ``openslide-bin``, pinned in requirements.txt). Either way the pixels pass :func:`bundle.io.to_rgb`, the
+decoding rules of every front end.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from monai.utils import OptionalImportError
 
 from bundle.inference import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, tile_id
 from bundle.instances import WatershedParams
-from bundle.io import TIFF_SUFFIXES, DataError, read_image, write_text_atomic
+from bundle.io import TIFF_SUFFIXES, DataError, check_single_frame, read_image, to_rgb, write_text_atomic
 from bundle.tiling import ArraySource, NucleusStream, RegionSource, peak_rss_mib, segment_image
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ __all__ = [
     "WSISource",
     "open_source",
     "is_slide",
+    "slide_backend",
     "SlideOutputs",
     "segment_slide",
 ]
@@ -89,16 +92,6 @@ def read_tiff_region(page: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarra
         if ya < yb and xa < xb:
             out[ya - y0 : yb - y0, xa - x0 : xb - x0] = seg[ya - sy : yb - sy, xa - sx : xb - sx]
     return out
-
-
-def _to_rgb(arr: np.ndarray, path: str) -> np.ndarray:
-    if arr.dtype != np.uint8:
-        raise DataError(f"{path}: {arr.dtype} pixels; slide mode reads 8-bit RGB only. Convert the slide to 8-bit RGB")
-    if arr.shape[-1] == 1:
-        return np.repeat(arr, 3, axis=-1)
-    if arr.shape[-1] in (3, 4):
-        return arr[..., :3]  # alpha dropped, as MONAI's mode="RGB"
-    raise DataError(f"{path}: {arr.shape[-1]} samples per pixel; expected gray, RGB or RGBA")
 
 
 class RegionTiffWSIReader(TiffFileWSIReader):
@@ -155,6 +148,30 @@ class RegionTiffWSIReader(TiffFileWSIReader):
         return np.moveaxis(patch, -1, self.channel_dim)
 
 
+def openslide_vendor(path: str | os.PathLike) -> str | None:
+    """OpenSlide's name for the format of ``path`` ("aperio", "hamamatsu", "generic-tiff"...), or None when
+    OpenSlide (``openslide-python`` + ``openslide-bin``) is not importable or does not know the file."""
+    try:
+        import openslide
+    except Exception:  # not installed, or its shared library missing
+        return None
+    try:
+        return openslide.OpenSlide.detect_format(str(path))
+    except Exception:
+        return None
+
+
+def slide_backend(path: str | os.PathLike) -> str:
+    """MONAI WSI backend for ``path``: ``"openslide"`` for vendor formats (SVS, NDPI, MRXS, SCN... by suffix, and
+    TIFFs that OpenSlide recognises as a vendor's, e.g. Aperio or Philips TIFF); ``"tifffile"``
+    (:class:`RegionTiffWSIReader`) for other TIFFs."""
+    path = str(path)
+    if path.lower().endswith(SLIDE_SUFFIXES):
+        return "openslide"
+    vendor = openslide_vendor(path) if path.lower().endswith(TIFF_SUFFIXES) else None
+    return "openslide" if vendor not in (None, "generic-tiff") else "tifffile"
+
+
 class WSISource:
     """One level of a slide (or a large TIFF tile) as a :class:`bundle.tiling.RegionSource`, read through a MONAI
     WSI reader: :class:`RegionTiffWSIReader` for TIFF, ``WSIReader(backend="openslide")`` for vendor formats.
@@ -166,48 +183,95 @@ class WSISource:
         self.path = str(path)
         if not Path(self.path).is_file():
             raise DataError(f"{self.path}: slide not found. Check the path")
-        backend = backend or ("openslide" if self.path.lower().endswith(SLIDE_SUFFIXES) else "tifffile")
+        backend = backend or slide_backend(self.path)
+        self.backend = backend
         try:
             if backend == "tifffile":
-                self.reader = RegionTiffWSIReader(channel_dim=-1)
+                # mode "stored": every sample as stored (gray, RGB, RGBA) in the file's own dtype; bundle.io.to_rgb
+                # then applies the decoding rules every front end shares (bit depth, float range, alpha on white)
+                self.reader = RegionTiffWSIReader(channel_dim=-1, mode="stored")
             else:
-                self.reader = WSIReader(backend=backend, channel_dim=-1)
+                # RGBA: OpenSlide marks areas without scanned data transparent; on white they read as glass
+                self.reader = WSIReader(backend=backend, channel_dim=-1, mode="RGBA")
             self.wsi = self.reader.read(self.path)
         except (ImportError, OptionalImportError) as exc:
             raise DataError(f"{self.path}: the '{backend}' backend is not installed ({exc}). "
-                            "Install openslide-python (and the OpenSlide library) for SVS/NDPI/MRXS slides") from exc
+                            "Install openslide-python and openslide-bin (pip install -r requirements.txt) for "
+                            "SVS/NDPI/MRXS/SCN slides") from exc
         except DataError:
             raise
         except Exception as exc:
             raise DataError(f"{self.path}: cannot be opened as a slide ({type(exc).__name__}: {exc}). "
                             "Check that the file is a complete (pyramidal) TIFF/SVS") from exc
-        n_levels = self.reader.get_level_count(self.wsi)
-        if not 0 <= level < n_levels:
-            raise DataError(f"{self.path}: level {level} requested, the slide has levels 0..{n_levels - 1}. Pick --level accordingly")
-        self.level = level
-        self.shape = tuple(int(v) for v in self.reader.get_size(self.wsi, level))
-        self.level0_shape = tuple(int(v) for v in self.reader.get_size(self.wsi, 0))
-        self.downsample = self.level0_shape[0] / self.shape[0]
+        self.bits: int | None = None
+        self.value_range: tuple[float, float] | None = None
+        try:
+            if backend == "tifffile":
+                if not self.wsi.series or not len(self.wsi.pages):
+                    raise ValueError("no image in the file")
+                check_single_frame(self.wsi, self.path)
+            n_levels = self.reader.get_level_count(self.wsi)
+            if not 0 <= level < n_levels:
+                raise DataError(f"{self.path}: level {level} requested, the slide has levels 0..{n_levels - 1}. "
+                                "Pick --level accordingly")
+            self.level = level
+            self.shape = tuple(int(v) for v in self.reader.get_size(self.wsi, level))
+            self.level0_shape = tuple(int(v) for v in self.reader.get_size(self.wsi, 0))
+            if min(self.shape) < 1 or min(self.level0_shape) < 1:
+                raise ValueError(f"image size {self.shape}")
+            self.downsample = self.level0_shape[0] / self.shape[0]
+            if backend == "tifffile":
+                page = RegionTiffWSIReader._level(self.wsi, level)
+                self.reader.dtype = page.dtype  # read as stored; converted by bundle.io.to_rgb
+                bits, container = int(getattr(page, "bitspersample", 0) or 0), page.dtype.itemsize * 8
+                self.bits = bits if page.dtype.kind in "ui" and 0 < bits < container else None
+        except DataError:
+            self.close()
+            raise
+        except Exception as exc:
+            self.close()
+            raise DataError(f"{self.path}: holds no readable image ({type(exc).__name__}: {exc}). "
+                            "The file is empty, truncated or not an image; re-export it") from exc
+        if backend == "tifffile" and self.reader.dtype.kind == "f":
+            self.value_range = self._float_range()
         try:
             self.mpp: float | None = float(np.mean(self.reader.get_mpp(self.wsi, level)))
         except Exception:
             self.mpp = None
 
+    def _float_range(self, block: int = 2048) -> tuple[float, float]:
+        """(min, max) of a floating-point level, read block by block: [0, 1] or [0, 255] data is decided on the
+        whole image (:func:`bundle.io.to_uint8`), so every region is scaled alike."""
+        lo, hi = np.inf, -np.inf
+        h, w = self.shape
+        for y in range(0, h, block):
+            for x in range(0, w, block):
+                raw = self._read_raw(y, min(h, y + block), x, min(w, x + block))
+                if not np.isfinite(raw).all():
+                    raise DataError(f"{self.path}: is a floating-point image with NaN or infinite values. "
+                                    "Export it as 8-bit RGB (uint8) TIFF")
+                lo, hi = min(lo, float(raw.min())), max(hi, float(raw.max()))
+        return lo, hi
+
     @property
     def n_levels(self) -> int:
         return int(self.reader.get_level_count(self.wsi))
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def _read_raw(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         location = (round(y0 * self.downsample), round(x0 * self.downsample))
         try:
             patch, _ = self.reader.get_data(self.wsi, location=location, size=(y1 - y0, x1 - x0), level=self.level)
         except Exception as exc:
             raise DataError(f"{self.path}: region {(y0, y1, x0, x1)} of level {self.level} cannot be read "
                             f"({type(exc).__name__}: {exc}). The file may be truncated, or need imagecodecs for its compression") from exc
-        return _to_rgb(np.asarray(patch), self.path)
+        return np.asarray(patch)
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """(y1-y0, x1-x0, 3) uint8 RGB by the decoding rules of :func:`bundle.io.to_rgb` (the same as whole tiles)."""
+        return to_rgb(self._read_raw(y0, y1, x0, x1), self.path, self.bits, self.value_range)
 
     def close(self) -> None:
-        close = getattr(self.wsi, "close", None)
+        close = getattr(getattr(self, "wsi", None), "close", None)
         if close is not None:
             close()
 

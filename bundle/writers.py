@@ -76,7 +76,8 @@ class TileWriter:
     could not be read) are logged and counted as failed, and so is a tile whose outputs cannot be written; the
     rest of the run goes on. At the end of the run the counts of every rank are gathered and rank 0 logs them and
     writes ``<output_dir>/inference_summary.json``: tiles done / skipped (outputs already there, ``skipped``) /
-    failed (with the reasons), nuclei found.
+    failed (with the reasons), nuclei found; when every tile failed it then raises a :class:`bundle.io.DataError`
+    (one line, non-zero exit).
     """
 
     def __init__(
@@ -224,6 +225,9 @@ class TileWriter:
         )
         if self.summary_file:
             write_text_atomic(self.output_dir / self.summary_file, json.dumps(summary, indent=2) + "\n")
+        if failed and not done and not self.skipped:  # nothing useful produced: the run must not exit 0
+            raise DataError(f"{failed[0]['tile']}: every tile failed ({len(failed)}; first: {failed[0]['error']}). "
+                            f"See {self.output_dir / (self.summary_file or '')} and fix the inputs")
         return summary
 
 

@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bundle.exports import FORMATS  # noqa: E402
-from bundle.inference import DEFAULT_PIXEL_SIZE, find_tiles, load_inference_settings, tile_datalist, tile_id  # noqa: E402
+from bundle.inference import DEFAULT_PIXEL_SIZE, check_pixel_size, load_inference_settings, tile_id  # noqa: E402
 from bundle.io import DataError, load_weights, write_text_atomic  # noqa: E402
+from bundle.outputs import ensure_output_dir, output_files, tile_datalist  # noqa: E402
 from bundle.slide import is_slide, open_source, segment_slide  # noqa: E402
 from bundle.tiling import SlidingWindowPredictor, TileOutputs, peak_rss_mib, segment_image, shard  # noqa: E402
 
@@ -41,20 +42,46 @@ DONE_SUFFIX = "_summary.json"
 load_settings = load_inference_settings  # the name older callers use
 
 
+def slide_mode(path: Path, args: argparse.Namespace) -> bool:
+    return args.slide == "yes" or (args.slide == "auto" and (args.level > 0 or is_slide(path)))
+
+
+def formats_of(path: Path, args: argparse.Namespace) -> list[str]:
+    """The formats ``path`` gets: slides only GeoJSON / CSV (nothing image-sized)."""
+    if slide_mode(path, args):
+        return [f for f in args.formats if f in ("geojson", "csv")] or ["geojson"]
+    return list(args.formats)
+
+
+def done_summary(path: Path, args: argparse.Namespace) -> dict | None:
+    """The ``<id>_summary.json`` of an image whose outputs are complete for the formats asked, else None (a
+    rerun with more ``--formats`` redoes the image)."""
+    out_dir, stem = Path(args.output_dir), tile_id(path)
+    marker = out_dir / f"{stem}{DONE_SUFFIX}"
+    if not marker.is_file():
+        return None
+    if not all(any(p.is_file() for p in output_files(out_dir, stem, f)) for f in formats_of(path, args)):
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def segment_file(path: Path, args: argparse.Namespace, predictor, settings: dict) -> dict:
     """One image: a slide (one GeoJSON in level-0 pixels) or a tile of any size (label map + exports)."""
     chunking = {"chunk": args.chunk, "halo": args.halo, "roi": settings["roi"], "post_chunk": args.post_chunk,
                 "post_scale": settings["post_scale"]}
     out_dir = Path(args.output_dir)
-    if args.slide == "yes" or (args.slide == "auto" and (args.level > 0 or is_slide(path))):
-        formats = [f for f in args.formats if f in ("geojson", "csv")] or ["geojson"]
+    if slide_mode(path, args):
+        formats = formats_of(path, args)
         return segment_slide(path, out_dir, predictor, settings["reference"], level=args.level,
                              pixel_size=args.pixel_size, model_pixel_size=settings["model_pixel_size"],
                              params=settings["watershed"], formats=formats, progress=args.progress, **chunking)
     source = open_source(path)
     stem = tile_id(path)
     sink = TileOutputs(out_dir, stem, source.shape, args.formats)
-    pixel_size = args.pixel_size or DEFAULT_PIXEL_SIZE
+    pixel_size = DEFAULT_PIXEL_SIZE if args.pixel_size is None else args.pixel_size
     try:
         summary = segment_image(source, predictor, sink, settings["reference"], pixel_size,
                                 settings["model_pixel_size"], settings["watershed"], progress=args.progress, **chunking)
@@ -77,17 +104,27 @@ def _gather(value):
 
 
 def run(args: argparse.Namespace) -> dict:
+    # every check on the inputs, options and output folder first: bad input stops here, before any network work
+    inputs = Path(args.input)
+    if not inputs.exists():
+        raise DataError(f"{inputs}: --input does not exist. Give an image file or a folder of tiles")
+    ensure_output_dir(args.output_dir)
+    # the input folder refused as --output_dir, stale temp files of a killed run cleared
+    tiles = [Path(d["image"]) for d in tile_datalist(inputs if inputs.is_dir() else [inputs], args.output_dir,
+                                                     DONE_SUFFIX, skip_existing=False, option="--input")]
     settings = load_settings(args.config_file)
+    if args.chunk < settings["roi"]:
+        raise DataError(f"--chunk {args.chunk} is smaller than the network's window ({settings['roi']} model px). "
+                        f"Give --chunk {settings['roi']} or more (default 1024)")
     device = torch.device(args.device)
     load_weights(settings["network"], args.ckpt, device)
     predictor = SlidingWindowPredictor(settings["network"], settings["roi"], settings["sw_batch_size"],
                                        settings["overlap"], device, amp=args.amp)
-    inputs = Path(args.input)
-    if inputs.is_dir():
-        tiles = find_tiles(inputs)
-        todo = [Path(d["image"]) for d in tile_datalist(tiles, args.output_dir, DONE_SUFFIX, skip_existing=not args.no_resume)]
-    else:
-        tiles = todo = find_tiles(inputs)
+    earlier = {} if args.no_resume or not inputs.is_dir() else {t: done_summary(t, args) for t in tiles}
+    earlier = {t: s for t, s in earlier.items() if s is not None}
+    todo = [t for t in tiles if t not in earlier]
+    if earlier:
+        logger.info(f"{len(earlier)} of {len(tiles)} images already have their outputs in {args.output_dir}: skipped")
     mine = shard(todo)
     rank = int(os.environ.get("RANK", 0))
     done, failed, nuclei = [], [], 0
@@ -103,15 +140,22 @@ def run(args: argparse.Namespace) -> dict:
             logger.error(f"{path}: skipped, {exc}")
             failed.append({"tile": str(path), "error": str(exc)})
             continue
+        except Exception as exc:  # not a known bad input: log the traceback, but one file must not end the run
+            logger.exception(f"{path}: failed, {type(exc).__name__}: {exc}")
+            failed.append({"tile": str(path), "error": f"{type(exc).__name__}: {exc}"})
+            continue
         done.append(tile_id(path))
         nuclei += summary["nuclei"]
         logger.info(f"{path}: {summary['nuclei']} nuclei in {summary['seconds']} s ({summary['chunks']} chunks)")
     parts = _gather({"done": done, "failed": failed, "nuclei": nuclei})
+    nuclei_now = sum(p["nuclei"] for p in parts)
+    nuclei_before = sum(int(s.get("nuclei", 0)) for s in earlier.values())
     result = {
         "images_done": sum(len(p["done"]) for p in parts),
         "images_skipped": len(tiles) - len(todo),
         "images_failed": sum(len(p["failed"]) for p in parts),
-        "nuclei": sum(p["nuclei"] for p in parts),
+        "nuclei": nuclei_now + nuclei_before,  # every image with outputs: done now or skipped (done before)
+        "nuclei_this_run": nuclei_now,
         "done": sorted(d for p in parts for d in p["done"]),
         "done_per_rank": [len(p["done"]) for p in parts],
         "failed": [f for p in parts for f in p["failed"]],
@@ -149,6 +193,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Range checks of the numbers, before anything is loaded: one line naming the option and what to give."""
+    if args.pixel_size is not None:
+        check_pixel_size(args.pixel_size, "--pixel_size")
+    for name, low in (("chunk", 1), ("halo", 1), ("post_chunk", 16), ("level", 0)):
+        value = getattr(args, name)
+        if value < low:
+            raise DataError(f"--{name} {value}: must be {low} or more (see --help for what it means and its default)")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -156,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if distributed:  # only to gather the run summary; the tiles are split by rank without communication
         torch.distributed.init_process_group("gloo")
     try:
+        check_args(args)
         result = run(args)
     except DataError as exc:
         logger.error(str(exc))
@@ -163,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0 if result["images_failed"] == 0 else 1
+    if result["images_failed"] == 0:
+        return 0
+    # 1: some images failed (listed in segment_summary.json); 2: nothing useful produced at all
+    return 1 if result["images_done"] + result["images_skipped"] > 0 else 2
 
 
 if __name__ == "__main__":

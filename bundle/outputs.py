@@ -1,0 +1,153 @@
+"""What a folder run reads and writes, shared by ``configs/inference.json`` and ``scripts/segment.py``: the tiles
+to do (every tile id unique, the output folder not the input folder), which tiles are done for the formats asked
+(a rerun with more formats redoes the tiles that lack one), an output folder that can be written, and the temp
+files a killed run left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bundle.inference import find_tiles as _find_tiles
+from bundle.inference import tile_id
+from bundle.io import IMAGE_SUFFIXES, DataError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["find_tiles", "tile_datalist", "output_files", "is_done", "ensure_output_dir", "clean_stale_temp"]
+
+#: output files of each nucleus format (any one of them present counts): label map and overlay are tiled TIFFs
+#: instead of PNGs for images above ``bundle.tiling.PNG_MAX_PIXELS``
+_FORMAT_FILES = {
+    "png": ("{}_instances.png", "{}_instances.tif"),
+    "tiff": ("{}_instances.tif",),
+    "geojson": ("{}.geojson",),
+    "csv": ("{}_nuclei.csv",),
+    "overlay": ("{}_overlay.png", "{}_overlay.tif"),
+}
+
+
+def find_tiles(inputs: str | os.PathLike | Sequence[str | os.PathLike], option: str = "--input_dir") -> list[Path]:
+    """:func:`bundle.inference.find_tiles`, refusing two tiles with the same id (``a.png`` and ``a.jpg`` would
+    write the same ``a_*`` outputs); ``option`` names the command-line option in the messages."""
+    if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir():
+        folder = Path(inputs)
+        if not any(p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) for p in folder.iterdir()):
+            raise DataError(f"{folder}: no tiles ({', '.join(IMAGE_SUFFIXES)}) in this folder. "
+                            f"Point {option} at a folder of H&E tiles")
+    tiles = _find_tiles(inputs)
+    seen: dict[str, Path] = {}
+    for t in tiles:
+        key = tile_id(t).casefold()  # case-insensitive file systems would mix 'A' and 'a' too
+        if key in seen:
+            raise DataError(f"{seen[key]} and {t}: both would write the outputs {tile_id(t)}_*. "
+                            "Rename one of them (or move it to another folder) and run again")
+        seen[key] = t
+    return tiles
+
+
+def output_files(out_dir: str | os.PathLike, stem: str, fmt: str) -> list[Path]:
+    """The files that hold ``fmt`` output of tile ``stem`` (any one present is enough)."""
+    return [Path(out_dir) / pattern.format(stem) for pattern in _FORMAT_FILES[fmt]]
+
+
+def is_done(out_dir: str | os.PathLike, stem: str, marker_suffix: str, formats: Sequence[str] = ()) -> bool:
+    """A tile is done when its marker (written last) exists and so does an output of every format asked."""
+    out_dir = Path(out_dir)
+    if not (out_dir / f"{stem}{marker_suffix}").is_file():
+        return False
+    return all(any(p.is_file() for p in output_files(out_dir, stem, f)) for f in formats)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def tile_datalist(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike | None = None,
+    done_suffix: str = "_mask.png",
+    skip_existing: bool = True,
+    formats: Sequence[str] = (),
+    option: str = "--input_dir",
+) -> list[dict[str, str]]:
+    """``[{"image": path}, ...]`` for the tiles of ``inputs`` still to do: a tile is left out when
+    :func:`is_done` (its ``done_suffix`` marker and an output of each of ``formats``), so a rerun with more
+    formats redoes the tiles that lack one. Refuses an ``output_dir`` that is the input folder (a rerun would
+    segment the previous run's outputs) and clears the temp files a killed run left there."""
+    if output_dir is not None and isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir():
+        if _same_folder(Path(inputs), Path(output_dir)):
+            raise DataError(f"{output_dir}: the output folder is the input folder, so a rerun would segment the "
+                            "outputs of this one. Choose another --output_dir (e.g. a subfolder)")
+    tiles = find_tiles(inputs, option)
+    if output_dir is not None:
+        ensure_output_dir(output_dir)
+        clean_stale_temp(output_dir)
+    todo = tiles
+    if skip_existing and output_dir is not None:
+        todo = [t for t in tiles if not is_done(output_dir, tile_id(t), done_suffix, formats)]
+        if len(todo) < len(tiles):
+            logger.info(f"{len(tiles) - len(todo)} of {len(tiles)} tiles already have outputs in {output_dir}: skipped")
+    return [{"image": str(t)} for t in todo]
+
+
+def ensure_output_dir(path: str | os.PathLike, option: str = "--output_dir") -> Path:
+    """Create ``path`` if needed and check that files can be written there; one-line :class:`DataError` if not."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path}: {option} is a file, not a folder. Give a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        why = "not writable" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else exc.strerror or str(exc)
+        raise DataError(f"{path}: {option} cannot be written ({why}). Choose a folder you can write to") from exc
+    return path
+
+
+#: temp files of bundle.io.atomic_write (``.<name>.<pid>.<random>.tmp<suffix>``) and of the streamed GeoJSON/CSV
+#: (``.<name>.<pid>.partial``): the pid of the writer is in the name
+_TEMP = re.compile(r"^\..+\.(\d+)\.(?:[^.]*\.tmp.*|partial)$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temp(out_dir: str | os.PathLike) -> int:
+    """Delete the temp files of writers that are no longer running (a killed run); those of live processes
+    (another rank, another run on the same folder) stay. Returns how many were deleted."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return 0
+    removed = 0
+    for p in out_dir.iterdir():
+        m = _TEMP.match(p.name)
+        if m and p.is_file() and not _alive(int(m.group(1))):
+            try:
+                p.unlink()
+                removed += 1
+            except OSError:
+                pass
+    if removed:
+        logger.info(f"{out_dir}: removed {removed} temp file(s) left by an interrupted run")
+    return removed
