@@ -37,14 +37,16 @@ def input_channels(mode: str) -> int:
 
 
 def rgb_to_input(rgb: np.ndarray, mode: str) -> np.ndarray:
-    """(..., 3) RGB 0..255 (any float or uint8 array) -> (..., C) float32 input channels of ``mode``, about 0..1."""
+    """(..., 3) RGB 0..255 (any float or uint8 array, clipped to 0..255) -> (..., C) float32 input channels of
+    ``mode``, about 0..1."""
     input_channels(mode)
-    x = np.asarray(rgb, dtype=np.float32) / np.float32(255.0)
+    # clipped: the bicubic resize to model scale overshoots 0..255 at sharp edges
+    x = np.clip(np.asarray(rgb, dtype=np.float32) / np.float32(255.0), 0.0, 1.0)
     if mode == "rgb":
         return x
     if mode == "gray":
         return (x @ np.asarray(LUMA_WEIGHTS["bt601"], np.float32))[..., None]
-    return rgb2hed(np.clip(x, 0.0, 1.0))[..., :1].astype(np.float32)
+    return rgb2hed(x)[..., :1].astype(np.float32)
 
 
 class ModelInput(Transform):
