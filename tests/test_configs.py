@@ -71,7 +71,8 @@ def test_inference_config_network_matches_training():
     train = json.loads((CONFIGS / "train.json").read_text())
     infer = json.loads((CONFIGS / "inference.json").read_text())
     assert infer["network_def"] == train["network_def"]
-    assert infer["reinhard_reference"] == train["reinhard_reference"]
+    for key in ("reinhard_reference", "reinhard", "input_mode", "features", "upsample", "model_pixel_size"):
+        assert infer[key] == train[key], key
 
 
 def test_verify_net_in_out():
