@@ -81,8 +81,9 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, int | None]:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        if not tif.series or not len(tif.pages):
-            raise ValueError("no image data in the TIFF")
+        if not tif.series or not len(tif.pages) or not tif.series[0].shape or 0 in tif.series[0].shape:
+            raise _fail(path, "holds no image data (a TIFF header without an image)",
+                        "The file is empty or truncated; re-export it")
         series = tif.series[0]
         arr, axes = series.asarray(), series.axes
         bits = getattr(tif.pages[0], "bitspersample", None)
@@ -485,6 +486,8 @@ def load_weights(network, ckpt: str | os.PathLike | None, device="cpu") -> None:
         state = torch.load(ckpt, map_location=device, weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or pickled code that weights_only refuses
         first = (str(exc).strip().splitlines() or [""])[0][:200]
+        if "Weights only load failed" in first:  # torch's advice (weights_only=False) would run the file's code
+            first = "corrupt, or holding pickled objects besides weights, which are not loaded for safety"
         raise DataError(f"{ckpt}: is not a readable PyTorch weights file ({type(exc).__name__}: {first}). "
                         "Re-download or re-train it, or pass the shipped models/model.pt") from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
