@@ -25,6 +25,7 @@ from bundle.experiments import (  # noqa: E402
     ABLATIONS,
     RESOLUTIONS,
     VARIANTS,
+    device_name,
     per_fold_table,
     run_fold,
     run_transfer_row,
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     ttable.add_argument("--metric", default="dice", help="a per-image CSV column: dice, bf1, hd95, aji, pq, ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if getattr(args, "device", None):  # data, not code: validated here, before any run starts
+        try:
+            args.device = device_name(args.device)
+        except ValueError as exc:
+            parser.error(str(exc))
 
     if args.command == "table":
         if args.per_fold:
