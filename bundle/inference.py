@@ -137,7 +137,7 @@ def tile_datalist(
 
 def load_inference_settings(config_files: str | Sequence[str]) -> dict[str, Any]:
     """Network (instantiated, random weights) and inference settings from the bundle config(s), later files
-    overriding earlier: ``network``, ``reference`` (Reinhard), ``watershed`` (:class:`bundle.instances.WatershedParams`),
+    overriding earlier: ``network``, ``reference`` (Reinhard; None when ``reinhard`` is off), ``input_mode``, ``watershed`` (:class:`bundle.instances.WatershedParams`),
     ``roi``, ``overlap``, ``sw_batch_size``, ``model_pixel_size``, ``post_scale``."""
     from monai.bundle import ConfigParser
 
@@ -149,7 +149,8 @@ def load_inference_settings(config_files: str | Sequence[str]) -> dict[str, Any]
     patch = get("patch_size", [256, 256])
     return {
         "network": parser.get_parsed_content("network_def", instantiate=True),
-        "reference": get("reinhard_reference"),
+        "reference": get("reinhard_reference") if get("reinhard", True) else None,
+        "input_mode": str(get("input_mode", "gray")),
         "watershed": WatershedParams.from_dict(get("watershed", {})),
         "roi": int(patch[0]),
         "overlap": float(get("overlap", 0.25)),

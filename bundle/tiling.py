@@ -53,6 +53,7 @@ from monai.networks.layers.convutils import gaussian_1d
 from scipy import ndimage, sparse
 from skimage.segmentation import find_boundaries
 
+from bundle.channels import rgb_to_input
 from bundle.exports import _table_csv, instances_geojson, nucleus_table, write_instance_map
 from bundle.inference import MODEL_PIXEL_SIZE, scale_factor
 from bundle.instances import WatershedParams, instances_from_maps, nearest_index, relabel_consecutive
@@ -183,16 +184,18 @@ class ImageStats:
     """Whole-image statistics that every chunk is normalised with (so that chunks agree with each other).
 
     ``lab_mean``/``lab_std``: L*a*b* mean and std of the image (Reinhard's source statistics);
-    ``gray_mean``/``gray_std``: of the Reinhard-normalised BT.601 grayscale scaled to [0, 1] (what MONAI's
-    ``NormalizeIntensityd`` standardises with in ``configs/inference.json``).
+    ``input_mean``/``input_std``: per channel of the network input (:func:`bundle.channels.rgb_to_input` of the
+    Reinhard-normalised image; what MONAI's ``NormalizeIntensityd(channel_wise=True)`` standardises with in
+    ``configs/inference.json``); ``input_mode``: which input that is.
     """
 
     lab_mean: tuple[float, float, float]
     lab_std: tuple[float, float, float]
-    gray_mean: float
-    gray_std: float
-    #: the whole image's Reinhard gray (H, W) float32 0..255 when it was computed anyway (small images), so the
-    #: chunk pass does not convert every pixel to L*a*b* and back a second time
+    input_mean: tuple[float, ...]
+    input_std: tuple[float, ...]
+    input_mode: str = "gray"
+    #: gray mode: the whole image's Reinhard gray (H, W) float32 0..255 when it was computed anyway (small images),
+    #: so the chunk pass does not convert every pixel to L*a*b* and back a second time
     gray: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
@@ -202,23 +205,36 @@ def _reinhard_terms(stats_mean, stats_std, reference) -> tuple[np.ndarray, np.nd
     return mean, gain, np.asarray(reference["means"], np.float32)
 
 
-def reinhard_gray(
-    rgb: np.ndarray, stats_mean: Sequence[float], stats_std: Sequence[float], reference: Mapping[str, Sequence[float]],
-    block: int = 2**16, lab: Sequence[np.ndarray] | None = None,
+def reinhard_rgb(
+    rgb: np.ndarray, stats_mean: Sequence[float], stats_std: Sequence[float],
+    reference: Mapping[str, Sequence[float]] | None, block: int = 2**16, lab: Sequence[np.ndarray] | None = None,
+    gray: bool = False,
 ) -> np.ndarray:
-    """(..., 3) RGB -> (...) float32 BT.601 gray 0..255 of the Reinhard-normalised image (the formula of
+    """(..., 3) RGB -> (..., 3) float32 RGB 0..255 of the Reinhard-normalised image (the formula of
     :class:`bundle.transforms.ReinhardNormalize` with FIXED source statistics), ``block`` pixels at a time so the
-    float temporaries stay small and cache-resident. ``lab``: the image's flattened L*, a*, b* planes
-    (:func:`rgb_to_lab`), when already known."""
-    mean, gain, ref_mean = _reinhard_terms(stats_mean, stats_std, reference)
+    float temporaries stay small and cache-resident; ``gray=True`` returns the BT.601 gray (...) instead (one
+    plane kept, not three). ``lab``: the image's flattened L*, a*, b* planes (:func:`rgb_to_lab`), when already
+    known. ``reference=None``: no normalisation (the RGB, or its gray, as float32)."""
     shape = np.shape(rgb)[:-1]
     flat = np.asarray(rgb).reshape(-1, 3)
-    out = np.empty(len(flat), np.float32)
+    if reference is None:
+        out = flat.astype(np.float32)
+        return (_rgb_to_gray(out) if gray else out).reshape(shape if gray else (*shape, 3))
+    mean, gain, ref_mean = _reinhard_terms(stats_mean, stats_std, reference)
+    out = np.empty(len(flat) if gray else (len(flat), 3), np.float32)
     for i in range(0, len(flat), block):
         part = _lab_planes(flat[i : i + block]) if lab is None else [p[i : i + block] for p in lab]
-        r, g, b = _rgb_planes([(p - mean[c]) * gain[c] + ref_mean[c] for c, p in enumerate(part)])
-        out[i : i + block] = _rgb_to_gray(np.stack([r, g, b], axis=-1))
-    return out.reshape(shape)
+        planes = np.stack(_rgb_planes([(p - mean[c]) * gain[c] + ref_mean[c] for c, p in enumerate(part)]), axis=-1)
+        out[i : i + block] = _rgb_to_gray(planes) if gray else planes
+    return out.reshape(shape if gray else (*shape, 3))
+
+
+def reinhard_gray(
+    rgb: np.ndarray, stats_mean: Sequence[float], stats_std: Sequence[float],
+    reference: Mapping[str, Sequence[float]] | None, block: int = 2**16, lab: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """(..., 3) RGB -> (...) float32 BT.601 gray 0..255 of the Reinhard-normalised image (:func:`reinhard_rgb`)."""
+    return reinhard_rgb(rgb, stats_mean, stats_std, reference, block, lab, gray=True)
 
 
 class RegionSource(Protocol):
@@ -263,12 +279,13 @@ def image_statistics(
     max_pixels: int = 2**22,
     block: int = 2048,
     tissue_only: bool = False,
+    input_mode: str = "gray",
 ) -> ImageStats:
     """:class:`ImageStats` of ``source`` from a regular subsample of at most ``max_pixels`` pixels (every pixel
     of images up to 2048 x 2048; every ``k``-th row and column of larger ones), read block by block.
 
     ``tissue_only`` leaves out glass (:func:`_is_background`), for slides: the reference statistics come from
-    tissue tiles, and a slide's background would otherwise dominate the mean.
+    tissue tiles, and a slide's background would otherwise dominate the mean. ``reference=None``: no Reinhard.
     """
     h, w = source.shape
     step = max(1, math.ceil(math.sqrt(h * w / max_pixels)))
@@ -283,13 +300,19 @@ def image_statistics(
         raise DataError(f"{source.path}: no tissue found (every pixel is bright glass); nothing to segment")
     lab = _lab_planes(rgb)
     mean, std = np.array([_plane_moments(p) for p in lab]).T
-    gray = reinhard_gray(rgb, mean, std, reference, lab=lab)
-    del lab
-    gray_mean, gray_std = _plane_moments(np.clip(gray / np.float32(255.0), 0.0, 1.0))
     # one block read whole: the samples are the image in raster order, so the chunk pass can reuse the gray
     whole = step == 1 and not tissue_only and h <= block and w <= block
-    return ImageStats(tuple(mean.tolist()), tuple(std.tolist()), gray_mean, gray_std,
-                      gray.reshape(h, w) if whole else None)
+    if input_mode == "gray":
+        gray = reinhard_gray(rgb, mean, std, reference, lab=lab)
+        del lab
+        g_mean, g_std = _plane_moments(np.clip(gray / np.float32(255.0), 0.0, 1.0))
+        return ImageStats(tuple(mean.tolist()), tuple(std.tolist()), (g_mean,), (g_std,), "gray",
+                          gray.reshape(h, w) if whole else None)
+    planes = rgb_to_input(reinhard_rgb(rgb, mean, std, reference, lab=lab), input_mode)
+    del lab
+    moments = [_plane_moments(np.ascontiguousarray(planes[:, c])) for c in range(planes.shape[1])]
+    return ImageStats(tuple(mean.tolist()), tuple(std.tolist()), tuple(m for m, _ in moments),
+                      tuple(s for _, s in moments), input_mode)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -439,7 +462,7 @@ def _blur_radius(n_in: int, n_out: int) -> int:
 # network
 # ------------------------------------------------------------------------------------------------------------
 class SlidingWindowPredictor:
-    """(H, W) standardised grayscale at model scale -> (C, H, W) float32 numpy maps: the network (eval mode,
+    """(C, H, W) (or (H, W)) standardised input at model scale -> (C, H, W) float32 numpy maps: the network (eval mode,
     no grad) through MONAI's ``SlidingWindowInferer`` with ``configs/inference.json``'s settings."""
 
     def __init__(
@@ -466,13 +489,14 @@ class SlidingWindowPredictor:
         return max(int(self.roi_size * (1 - self.overlap)), 1)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        h, w = x.shape
+        x = x[None] if x.ndim == 2 else x  # (h, w) or (C, h, w)
+        h, w = x.shape[-2:]
         # mirror an image smaller than a window up to its size, centred (the config's SpatialPadd, mode
         # "symmetric"): the inferer's own "reflect" padding fails when the pad exceeds the image
         (py, px) = (max(0, self.roi_size - h), max(0, self.roi_size - w))
         if py or px:
-            x = np.pad(x, [(py // 2, py - py // 2), (px // 2, px - px // 2)], mode="symmetric")
-        t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None].to(self.device)
+            x = np.pad(x, [(0, 0), (py // 2, py - py // 2), (px // 2, px - px // 2)], mode="symmetric")
+        t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[None].to(self.device)
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
             out = self.inferer(t, self.network)
         return out[0, :, py // 2 : py // 2 + h, px // 2 : px // 2 + w].float().cpu().numpy()
@@ -488,6 +512,31 @@ class ChunkMaps:
     boundary: np.ndarray
     rgb: np.ndarray  # native RGB over (y.native_read, x.native_read)
     skipped: bool = False  # background chunk: no network pass, maps are zero
+
+
+def _network_input(
+    rgb: np.ndarray, stats: ImageStats, reference: Mapping[str, Sequence[float]] | None, gy: ChunkGeometry,
+    gx: ChunkGeometry, native_shape: tuple[int, int], model_shape: tuple[int, int],
+) -> np.ndarray:
+    """(C, h, w) float32 standardised network input of one chunk's net area from its native RGB read region:
+    Reinhard, resize to model scale, :func:`bundle.channels.rgb_to_input`, whole-image standardisation.
+    Gray is resized as one plane (the luma is linear in R, G, B, so this equals resizing the RGB first)."""
+    h, w = native_shape
+    if stats.input_mode == "gray":
+        if stats.gray is not None and stats.gray.shape == (h, w):
+            gray = stats.gray[gy.native_read[0] : gy.native_read[1], gx.native_read[0] : gx.native_read[1]]
+        else:
+            gray = reinhard_gray(rgb, stats.lab_mean, stats.lab_std, reference)
+        x = to_model_scale(gray, gy.native_read, gx.native_read, gy.net, gx.net, native_shape, model_shape)
+        planes = np.clip(x / np.float32(255.0), 0.0, 1.0)[None]
+    else:
+        norm = reinhard_rgb(rgb, stats.lab_mean, stats.lab_std, reference)
+        scaled = np.stack([to_model_scale(np.ascontiguousarray(norm[..., c]), gy.native_read, gx.native_read, gy.net,
+                                          gx.net, native_shape, model_shape) for c in range(3)], axis=-1)
+        planes = np.moveaxis(rgb_to_input(scaled, stats.input_mode), -1, 0)
+    mean = np.asarray(stats.input_mean, np.float32)[:, None, None]
+    std = np.maximum(np.asarray(stats.input_std, np.float32), 1e-8)[:, None, None]
+    return np.ascontiguousarray((planes - mean) / std, dtype=np.float32)
 
 
 def predict_chunks(
@@ -526,15 +575,9 @@ def predict_chunks(
                     zero = np.zeros(shape, np.float32)
                     yield ChunkMaps(gy, gx, zero, zero, rgb, skipped=True)
                     continue
-            if stats.gray is not None and stats.gray.shape == (h, w):
-                gray = stats.gray[gy.native_read[0] : gy.native_read[1], gx.native_read[0] : gx.native_read[1]]
-            else:
-                gray = reinhard_gray(rgb, stats.lab_mean, stats.lab_std, reference)
-            x = to_model_scale(gray, gy.native_read, gx.native_read, gy.net, gx.net, (h, w), (hm, wm))
-            del gray
-            x = (np.clip(x / 255.0, 0.0, 1.0) - stats.gray_mean) / max(stats.gray_std, 1e-8)
-            maps = predictor(x.astype(np.float32))
-            if maps.ndim != 3 or maps.shape[1:] != x.shape:
+            x = _network_input(rgb, stats, reference, gy, gx, (h, w), (hm, wm))
+            maps = predictor(x)
+            if maps.ndim != 3 or maps.shape[1:] != x.shape[1:]:
                 raise ValueError(f"predictor returned shape {maps.shape} for an input of {x.shape}; expected (C, h, w)")
             ey = slice(gy.exact[0] - gy.net[0], gy.exact[1] - gy.net[0])
             ex = slice(gx.exact[0] - gx.net[0], gx.exact[1] - gx.net[0])
@@ -866,6 +909,7 @@ def segment_image(
     stats: ImageStats | None = None,
     progress: bool = False,
     post_scale: str = "model",
+    input_mode: str = "gray",
 ) -> dict[str, Any]:
     """Segment ``source`` chunk by chunk into ``sink`` (``add(NucleusBlock)``, e.g. :class:`TileOutputs`).
 
@@ -874,6 +918,7 @@ def segment_image(
     ``post_chunk``/``post_halo`` native pixels (default halo: ``halo`` model px in native px, less the bilinear
     taps). ``tissue_only`` (slides): statistics from tissue and no network pass on all-glass chunks.
     ``post_scale``: where the watershed runs (:func:`segment_blocks`); ``params`` sizes are pixels of that grid.
+    ``input_mode``: the network's input (:mod:`bundle.channels`); ``reference=None`` skips Reinhard.
     Returns a summary (nuclei, chunks, blocks, truncated nuclei, label conflicts, seconds).
     """
     t0 = time.perf_counter()
@@ -891,7 +936,7 @@ def segment_image(
     h, w = source.shape
     model_shape = (model_size(h, factor), model_size(w, factor))
     if stats is None:
-        stats = image_statistics(source, reference, tissue_only=tissue_only)
+        stats = image_statistics(source, reference, tissue_only=tissue_only, input_mode=input_mode)
     summary = {"nuclei": 0, "chunks": 0, "skipped_chunks": 0, "blocks": 0, "truncated": 0}
     chunks = predict_chunks(source, predictor, stats, reference, factor, chunk, halo, roi, stride, tissue_only)
     if progress:

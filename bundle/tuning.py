@@ -38,7 +38,7 @@ SIZE_GRID: dict[str, tuple] = {
 
 def model_scale_maps(
     predictor: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray, reference: Mapping[str, Sequence[float]],
-    pixel_size: float, model_pixel_size: float, chunk: int = 1024,
+    pixel_size: float, model_pixel_size: float, chunk: int = 1024, input_mode: str = "gray",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Region and boundary probability maps (model scale, float32) of one RGB tile, chunk by chunk as
     ``scripts/segment.py`` computes them (the cores of the chunks tile the model-scale image)."""
@@ -47,7 +47,7 @@ def model_scale_maps(
     h, w = source.shape
     shape = (model_size(h, factor), model_size(w, factor))
     region, boundary = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-    stats = image_statistics(source, reference)
+    stats = image_statistics(source, reference, input_mode=input_mode)
     window = getattr(predictor, "roi_size", 256)
     stride = getattr(predictor, "stride", max(int(window * 0.75), 1))
     for m in predict_chunks(source, predictor, stats, reference, factor, chunk=chunk, roi=window, stride=stride):
@@ -60,13 +60,14 @@ def model_scale_maps(
 
 def validation_items(
     predictor: Callable[[np.ndarray], np.ndarray], datalist: Sequence[Mapping[str, str]],
-    reference: Mapping[str, Sequence[float]], pixel_size: float, model_pixel_size: float,
+    reference: Mapping[str, Sequence[float]], pixel_size: float, model_pixel_size: float, input_mode: str = "gray",
 ) -> list[ValItem]:
     """``[(region, boundary, true instances), ...]`` for the ``datalist`` tiles (``image`` and instance ``label``
     paths, e.g. :func:`bundle.transfer.transfer_datalist` ``part="val"``)."""
     items = []
     for d in datalist:
-        region, boundary = model_scale_maps(predictor, read_image(d["image"]), reference, pixel_size, model_pixel_size)
+        region, boundary = model_scale_maps(predictor, read_image(d["image"]), reference, pixel_size, model_pixel_size,
+                                            input_mode=input_mode)
         items.append((region, boundary, read_label(d["label"], kind="instance")))
     return items
 

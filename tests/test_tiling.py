@@ -95,7 +95,7 @@ def test_reinhard_gray_equals_transforms_with_whole_image_statistics(tnbc_dir):
     expected = Grayscale("bt601")(ReinhardNormalize(**REF)(chw))[0]
     np.testing.assert_allclose(reinhard_gray(rgb, stats.lab_mean, stats.lab_std, REF), expected, atol=0.02)
     ours = np.clip(reinhard_gray(rgb, stats.lab_mean, stats.lab_std, REF) / 255.0, 0, 1)
-    assert stats.gray_mean == pytest.approx(ours.mean(), abs=1e-5) and stats.gray_std == pytest.approx(ours.std(), abs=1e-5)
+    assert stats.input_mean[0] == pytest.approx(ours.mean(), abs=1e-5) and stats.input_std[0] == pytest.approx(ours.std(), abs=1e-5)
     # the whole image was converted for the statistics: its gray is kept for the chunk pass, bit for bit
     np.testing.assert_array_equal(stats.gray, reinhard_gray(rgb, stats.lab_mean, stats.lab_std, REF))
     # not when the statistics saw only part of it (subsampled, several blocks, or tissue only)
@@ -155,6 +155,46 @@ def test_chunk_grid_partitions_and_aligns_with_the_window_grid(n_native, n_model
 
 
 # ---------------------------------------------------------------------------------------------- stitching
+@pytest.mark.parametrize("mode,reference", [("rgb", REF), ("hematoxylin", REF), ("rgb", None)])
+def test_colour_input_chunks_equal_the_training_chain_on_the_whole_image(monuseg_dir, mode, reference):
+    """RGB / hematoxylin input: Reinhard (or none), resize of the RGB to model scale, then the input conversion,
+    as the training chain orders them; the chunks equal one whole-image pass."""
+    from bundle.channels import ModelInput
+    from bundle.tiling import reinhard_rgb
+
+    rgb = read_image(sorted((monuseg_dir / "images").glob("*.png"))[0])[:300, :260]
+    torch.manual_seed(0)
+    network = DSHFN(in_channels=3 if mode == "rgb" else 1, features=4, levels=2, streams="local")
+    predictor = SlidingWindowPredictor(network, roi_size=64, sw_batch_size=16, overlap=0.25)
+    source = ArraySource(rgb)
+    stats = image_statistics(source, reference, input_mode=mode)
+    h, w = rgb.shape[:2]
+    hm, wm = model_size(h, 0.5), model_size(w, 0.5)
+    # the statistics are those of the converted whole image (every pixel of a small one)
+    chw = np.moveaxis(rgb, -1, 0).astype(np.float32)
+    norm = ReinhardNormalize(**reference)(chw) if reference is not None else chw
+    full = np.asarray(ModelInput(mode)(norm))
+    np.testing.assert_allclose(stats.input_mean, full.reshape(len(full), -1).mean(1), atol=2e-3)
+    # the training chain: RGB resized to model scale (ToModelScaled), then converted and standardised
+    scaled = ToModelScaled("image", pixel_size=0.25, model_pixel_size=0.5)({"image": torch.from_numpy(norm)})["image"]
+    x = np.asarray(ModelInput(mode)(np.asarray(scaled)))
+    x = (x - np.asarray(stats.input_mean)[:, None, None]) / np.asarray(stats.input_std)[:, None, None]
+    with torch.no_grad():
+        whole = SlidingWindowInferer((64, 64), 16, 0.25, mode="gaussian", padding_mode="reflect")(
+            torch.from_numpy(x.astype(np.float32))[None], predictor.network)[0, :2].numpy()
+    stitched = np.full((2, hm, wm), np.nan, np.float32)
+    for m in predict_chunks(source, predictor, stats, reference, 0.5, chunk=96, halo=16, roi=64, stride=predictor.stride):
+        (c0, c1), (d0, d1) = m.y.core, m.x.core
+        ey, ex = c0 - m.y.exact[0], d0 - m.x.exact[0]
+        stitched[0, c0:c1, d0:d1] = m.region[ey : ey + c1 - c0, ex : ex + d1 - d0]
+        stitched[1, c0:c1, d0:d1] = m.boundary[ey : ey + c1 - c0, ex : ex + d1 - d0]
+    assert not np.isnan(stitched).any() and whole[0].std() > 1e-3
+    # the engine's float32 L*a*b* and resampling matrices vs skimage + torch: close, not bit-equal
+    assert np.abs(stitched - whole).max() < 2e-2
+    if reference is not None:
+        np.testing.assert_allclose(reinhard_rgb(rgb, stats.lab_mean, stats.lab_std, reference), np.moveaxis(norm, 0, -1), atol=0.05)
+
+
 def test_stitched_maps_equal_a_whole_image_pass_without_seams(monuseg_dir):
     rgb = read_image(sorted((monuseg_dir / "images").glob("*.png"))[0])[:560, :528]
     torch.manual_seed(0)  # a small random DS-HFN (no deformable global stream, for speed): context, not accuracy
@@ -176,7 +216,7 @@ def test_stitched_maps_equal_a_whole_image_pass_without_seams(monuseg_dir):
     # reference: MONAI's inferer over the whole preprocessed image in one pass
     gray = reinhard_gray(rgb, stats.lab_mean, stats.lab_std, REF)
     x = to_model_scale(gray, (0, h), (0, w), (0, hm), (0, wm), (h, w), (hm, wm))
-    x = (np.clip(x / 255.0, 0, 1) - stats.gray_mean) / stats.gray_std
+    x = (np.clip(x / 255.0, 0, 1) - stats.input_mean[0]) / stats.input_std[0]
     with torch.no_grad():
         whole = SlidingWindowInferer((64, 64), 16, 0.25, mode="gaussian", padding_mode="reflect")(
             torch.from_numpy(x.astype(np.float32))[None, None], predictor.network)[0, :2].numpy()

@@ -132,7 +132,7 @@ def run(args: Any) -> list[dict]:
         stats = image_statistics(ArraySource(rgb), REFERENCE)
         gray = stats.gray if stats.gray is not None else reinhard_gray(rgb, stats.lab_mean, stats.lab_std, REFERENCE)
         x = to_model_scale(gray, (0, h), (0, w), (0, hm), (0, wm), (h, w), (hm, wm))
-        return ((np.clip(x / 255.0, 0, 1) - stats.gray_mean) / stats.gray_std).astype(np.float32)
+        return ((np.clip(x / 255.0, 0, 1) - stats.input_mean[0]) / stats.input_std[0]).astype(np.float32)
 
     x = timed("normalisation", normalise)
     reinhard, grayscale, resize = ReinhardNormalize(**REFERENCE), Grayscale(), ToModelScaled("image", 0.25)
