@@ -140,7 +140,7 @@ def evaluate_run(config_files: Sequence[str], overrides: Mapping[str, Any], weig
 
 
 #: config files of every recipe probe, in merge order (then the probe's own files)
-PROBE_CONFIGS = ("configs/train.json", "configs/recipe/datasets.json", "configs/recipe/probe_schedule.json")
+PROBE_CONFIGS = ("configs/train.json", "configs/recipe/probe_schedule.json")
 
 
 def load_probes(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -183,7 +183,7 @@ def run_probe(name: str, spec: Mapping[str, Any], data_root: str, runs_dir: str 
     iterations, epoch_length = int(trainer.get("iteration", 0)), int(trainer.get("epoch_length", 0) or 1)
     result = evaluate_run(files, overrides, ckpt)
     train = json.loads(done.read_text())
-    batch = int(json.loads((root / PROBE_CONFIGS[2]).read_text())["batch_size"])
+    batch = int(json.loads((root / PROBE_CONFIGS[-1]).read_text())["batch_size"])
     result = {"probe": name, "overrides": {k: v for k, v in spec.items()}, "configs": [Path(f).name for f in files],
               "budget_cpu_minutes": budget_minutes, "epochs": iterations // epoch_length, "iterations": iterations,
               "crops": iterations * batch, "train_wall_minutes": round(train["wall_seconds"] / 60, 1),
@@ -203,8 +203,44 @@ def recipe_table(results_dir: str | os.PathLike) -> str:
     for r in rows:
         inst, allm, tn = r["instance_sets"], r["overall"], r["per_dataset"].get("tnbc", {})
         sw = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(defaults)"
-        sw += "".join(f" +{c}" for c in r["configs"][3:])
+        sw += "".join(f" +{c}" for c in r["configs"] if c not in ("train.json", "datasets.json", "probe_schedule.json"))
         lines.append(f"| {r['probe']} | {sw} | {inst['aji']:.3f} | {inst['pq']:.3f} | {allm['dice']:.3f} | "
                      f"{allm['bf1']:.3f} | {allm['hd95']:.1f} | {tn.get('dice', float('nan')):.3f} | "
                      f"{allm['grid_index']:.2f} | {r['epochs']} | {r['crops_per_cpu_second']:.2f} | {r['train_cpu_minutes']} |")
     return "\n".join(lines)
+
+
+def loader_throughput(config_files: Sequence[str], overrides: Mapping[str, Any], batches: int = 20) -> dict[str, float]:
+    """Seconds per training batch spent in data loading (the cached chain's random part: crop, stain
+    augmentation, input conversion, geometric augmentation, targets) and in the network step (forward, loss,
+    backward, AdamW), measured in this process one after the other, so the caller's thread count applies."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
+    parser.update({**dict(overrides), "num_workers": 0})
+    loader = parser.get_parsed_content("train#dataloader")
+    network, loss = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
+    optimizer = parser.get_parsed_content("optimizer")
+    network.train()
+    load_s = step_s = 0.0
+    n = 0
+    it = iter(loader)
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        t1 = time.perf_counter()
+        optimizer.zero_grad()
+        value = loss(network(batch["image"]), batch["label"])
+        value.backward()
+        optimizer.step()
+        t2 = time.perf_counter()
+        if _ > 0:  # the first batch pays one-off costs
+            load_s, step_s, n = load_s + t1 - t0, step_s + t2 - t1, n + 1
+    crops = int(parser.get_parsed_content("batch_size"))
+    return {"load_s_per_batch": load_s / n, "step_s_per_batch": step_s / n, "batch_size": crops,
+            "crops_per_s": crops / ((load_s + step_s) / n), "load_share": load_s / (load_s + step_s)}

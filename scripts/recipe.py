@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.recipe import load_probes, recipe_table, run_probe  # noqa: E402
+from bundle.recipe import PROBE_CONFIGS, load_probes, loader_throughput, recipe_table, run_probe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--budget_minutes", type=float, default=15.0, help="CPU minutes of training per probe")
     r.add_argument("--runs_dir", default=str(ROOT / "runs" / "recipe"))
     r.add_argument("--results_dir", default=str(ROOT / "docs" / "results" / "recipe"))
+    q = sub.add_parser("throughput", help="data loading vs network step per training batch, for one probe")
+    q.add_argument("--probe", required=True)
+    q.add_argument("--probe_file", default=str(ROOT / "configs" / "recipe" / "probes.json"))
+    q.add_argument("--data_root", required=True)
+    q.add_argument("--batches", type=int, default=20)
     t = sub.add_parser("table", help="markdown table of the scored probes")
     t.add_argument("--results_dir", default=str(ROOT / "docs" / "results" / "recipe"))
     args = p.parse_args(argv)
@@ -39,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         print(recipe_table(args.results_dir))
         return 0
     probes = load_probes(args.probe_file)
+    if args.cmd == "throughput":
+        spec = dict(probes[args.probe])
+        files = [str(ROOT / f) for f in (*PROBE_CONFIGS, *spec.pop("configs", []))]
+        print(json.dumps(loader_throughput(files, {**spec, "data_root": str(Path(args.data_root).resolve()),
+                                                   "output_dir": str(ROOT / "runs" / "throughput")}, args.batches)))
+        return 0
     unknown = [n for n in args.probes if n not in probes]
     if unknown:
         p.error(f"unknown probe(s) {unknown}; {args.probe_file} has {sorted(probes)}")
