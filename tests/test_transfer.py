@@ -75,9 +75,9 @@ def test_transfer_configs_train_at_model_scale_on_crops_and_evaluate_whole_tiles
     for parser in (train, evaluate):
         steps = parser.get_parsed_content("base_transforms")
         names = [type(t).__name__ for t in steps]
-        assert names == ["LoadTiled", "CleanMaskd", "ReinhardNormalized", "Grayscaled", "ToModelScaled",
-                         "ScaleIntensityRanged"]  # no squashing Resized to 256 x 256
-        assert steps[4].factor == 0.5  # 40x (0.25 um/px) -> 0.5 um/px
+        assert names == ["LoadTiled", "CleanMaskd", "ReinhardNormalized", "ToModelScaled", "SpatialPadd"]  # no squashing
+        assert steps[3].pixel_size_key == "pixel_size" and parser.get_parsed_content("pixel_size") == 0.25
+        assert parser.get_parsed_content("model_pixel_size") == 0.5  # 40x (0.25 um/px) -> 0.5 um/px
         inferer = parser.get_parsed_content("validate#inferer")
         assert type(inferer).__name__ == "SlidingWindowInferer" and tuple(inferer.roi_size) == (256, 256)
     crops = train.get_parsed_content("random_crops")

@@ -74,7 +74,10 @@ def test_training_writes_weights_checkpoint_logs_and_metrics(trained):
     assert isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())  # plain state_dict
     ckpt = torch.load(out / "models" / "checkpoint.pt", weights_only=False)
     assert {"trainer", "network", "optimizer", "lr_scheduler", "validator_best"} <= set(ckpt)
-    assert ckpt["trainer"]["iteration"] == 2 * 2  # 2 epochs x ceil(6 train tiles / batch 3)
+    splits = json.loads((out / "splits.json").read_text())["datasets"]
+    (name, split), = splits.items()  # --dataset_dir: one dataset, named after its folder
+    n_train = len(split["train"])  # 512 x 512 TNBC tiles are one 256 x 256 crop at model scale
+    assert ckpt["trainer"]["iteration"] == 2 * -(-n_train // 3)  # 2 epochs x ceil(train tiles / batch 3)
     assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert "val_mean_dice" in log and "val_bf1" in log and "val_hd95" in log
     assert "loss_glga" in log and "lr" in log  # loss terms and learning rate logged per epoch
@@ -89,8 +92,8 @@ def test_training_writes_weights_checkpoint_logs_and_metrics(trained):
             tags[kind] |= set(acc.Tags()[kind])
     assert {"train_loss", "loss_seg", "loss_edge", "loss_glga", "lr", "val_mean_dice", "val_bf1", "val_hd95"} <= tags["scalars"]
     assert any(t.startswith("val/contours") for t in tags["images"]), tags["images"]
-    splits = json.loads((out / "splits.json").read_text())
-    assert len(splits["folds"]) == 5
+    # validation = fold 0 of the dataset's grouped 5-fold split: whole patients
+    assert split["val"] and split["val_groups"] and not set(split["val"]) & set(split["train"])
 
 
 def test_default_run_id_also_trains(small_dataset, tmp_path):
@@ -107,10 +110,11 @@ def test_evaluate_merged_after_train_writes_tables(trained):
     for res in ("paper", "native"):
         log = run(bundle_cmd("evaluating", ["train.json", "evaluate.json"], *trained["args"], "--num_workers", "0",
                              "--eval_resolution", res))
-        d = out / "eval" / f"fold0_test_{res}"
+        d = out / "eval" / f"val_{res}"
         rows = list(csv.DictReader(open(d / "metrics_per_image.csv")))
         summary = json.loads((d / "metrics_summary.json").read_text())
-        assert len(rows) == summary["n_images"] == 2  # fold 0's test patient has 2 tiles
+        (split,) = json.loads((out / "splits.json").read_text())["datasets"].values()
+        assert len(rows) == summary["n_images"] == len(split["val"])  # the validation patients' tiles
         for k in ("dice", "iou", "precision", "recall", "bf1", "bf1_diag", "hd", "hd95"):
             assert k in summary and k in rows[0], k
         for k in ("dice", "iou", "precision", "recall", "bf1"):
@@ -157,12 +161,14 @@ def test_killed_run_resumes_from_saved_epoch(small_dataset, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # kill -9: no chance to clean up
         proc.wait()
-    saved_epoch = torch.load(ckpt, weights_only=False)["trainer"]["iteration"] // 2
+    state = torch.load(ckpt, weights_only=False)["trainer"]
+    per_epoch = state["epoch_length"]
+    saved_epoch = state["iteration"] // per_epoch
     assert saved_epoch >= 1
     log = run(bundle_cmd("training", ["train.json"], *args, "--max_epochs", str(saved_epoch + 1), "--resume", "true"))
     assert f"resumed from {ckpt} at epoch {saved_epoch}" in log
     assert f"Epoch: {saved_epoch + 1}/{saved_epoch + 1}" in log and "Epoch: 1/" not in log
-    assert torch.load(ckpt, weights_only=False)["trainer"]["iteration"] == 2 * (saved_epoch + 1)
+    assert torch.load(ckpt, weights_only=False)["trainer"]["iteration"] == per_epoch * (saved_epoch + 1)
 
 
 def test_ddp_evaluation_matches_single_process(trained):
@@ -205,5 +211,7 @@ def test_ddp_training_two_processes(small_dataset, tmp_path):
     log = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534", "-m", *cmd[2:]])
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "checkpoint.pt").is_file()
     assert log.count("new best key metric") == 1  # BestModelSaver runs on rank 0 only
-    # DistributedSampler shards the 6 training tiles: 3 per rank = one batch of 3 per epoch
-    assert torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=False)["trainer"]["iteration"] == 1
+    # DistributedSampler shards the training crops (one per 512 x 512 tile at model scale) over the 2 ranks
+    (split,) = json.loads((tmp_path / "s.json").read_text())["datasets"].values()
+    per_rank = -(-len(split["train"]) // 2)
+    assert torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=False)["trainer"]["iteration"] == -(-per_rank // 3)
