@@ -71,7 +71,7 @@ def done_summary(path: Path, args: argparse.Namespace) -> dict | None:
 def segment_file(path: Path, args: argparse.Namespace, predictor, settings: dict) -> dict:
     """One image: a slide (one GeoJSON in level-0 pixels) or a tile of any size (label map + exports)."""
     chunking = {"chunk": args.chunk, "halo": args.halo, "roi": settings["roi"], "post_chunk": args.post_chunk,
-                "post_scale": settings["post_scale"]}
+                "post_scale": settings["post_scale"], "input_mode": settings["input_mode"]}
     out_dir = Path(args.output_dir)
     if slide_mode(path, args):
         formats = formats_of(path, args)
