@@ -144,11 +144,13 @@ PROBE_CONFIGS = ("configs/train.json", "configs/recipe/probe_schedule.json")
 
 
 def load_probes(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """``{name: {"configs": [extra config files], <config id>: <value>, ...}}`` from a JSON file."""
+    """``{name: {"configs": [extra config files], <config id>: <value>, ...}}`` from a JSON file; the file's
+    ``"_baseline"`` ids (the recipe every probe changes one switch of) are put under each probe's own."""
     probes = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(probes, dict) or not all(isinstance(v, dict) for v in probes.values()):
         raise ValueError(f"{path}: expected {{probe name: {{config id: value}}}}")
-    return probes
+    base = probes.pop("_baseline", {})
+    return {name: {**base, **spec} for name, spec in probes.items()}
 
 
 def run_probe(name: str, spec: Mapping[str, Any], data_root: str, runs_dir: str | os.PathLike,
@@ -193,8 +195,10 @@ def run_probe(name: str, spec: Mapping[str, Any], data_root: str, runs_dir: str 
     return result
 
 
-def recipe_table(results_dir: str | os.PathLike) -> str:
-    """Markdown table, one row per scored probe (``<results_dir>/*.json``), best validation AJI first."""
+def recipe_table(results_dir: str | os.PathLike, baseline: Mapping[str, Any] | None = None) -> str:
+    """Markdown table, one row per scored probe (``<results_dir>/*.json``), best validation AJI first; the
+    switches column lists the ids that differ from ``baseline``."""
+    base = dict(baseline or {})
     rows = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
     rows.sort(key=lambda r: -r["instance_sets"].get("aji", float("nan")))
     head = ("| probe | switches | AJI | PQ | Dice | BF1 | HD95 (px) | TNBC Dice | grid | epochs | crops/CPU-s | "
@@ -202,7 +206,7 @@ def recipe_table(results_dir: str | os.PathLike) -> str:
     lines = [head]
     for r in rows:
         inst, allm, tn = r["instance_sets"], r["overall"], r["per_dataset"].get("tnbc", {})
-        sw = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "(defaults)"
+        sw = ", ".join(f"{k}={v}" for k, v in r["overrides"].items() if base.get(k, None) != v) or "(baseline)"
         sw += "".join(f" +{c}" for c in r["configs"] if c not in ("train.json", "datasets.json", "probe_schedule.json"))
         lines.append(f"| {r['probe']} | {sw} | {inst['aji']:.3f} | {inst['pq']:.3f} | {allm['dice']:.3f} | "
                      f"{allm['bf1']:.3f} | {allm['hd95']:.1f} | {tn.get('dice', float('nan')):.3f} | "

@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--batches", type=int, default=20)
     t = sub.add_parser("table", help="markdown table of the scored probes")
     t.add_argument("--results_dir", default=str(ROOT / "docs" / "results" / "recipe"))
+    t.add_argument("--probe_file", default=str(ROOT / "configs" / "recipe" / "probes.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "table":
-        print(recipe_table(args.results_dir))
+        print(recipe_table(args.results_dir, json.loads(Path(args.probe_file).read_text()).get("_baseline")))
         return 0
     probes = load_probes(args.probe_file)
     if args.cmd == "throughput":

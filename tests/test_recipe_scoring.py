@@ -59,5 +59,16 @@ def test_recipe_table_orders_by_aji(tmp_path):
     rows = [ln.split("|")[1:-1] for ln in lines[2:]]
     assert [r[0].strip() for r in rows] == ["b", "c", "a"]
     assert [r[2].strip() for r in rows] == ["0.550", "0.470", "0.410"]
-    assert rows[0][1].strip() == "input_mode=rgb +basic_unet.json" and rows[1][1].strip() == "(defaults)"
+    assert rows[0][1].strip() == "input_mode=rgb +basic_unet.json" and rows[1][1].strip() == "(baseline)"
     assert len(rows[0]) == lines[0].count("|") - 1
+    # only the ids that differ from the baseline are listed as switches
+    rows = [ln.split("|")[1:-1] for ln in recipe_table(tmp_path, {"input_mode": "rgb"}).splitlines()[2:]]
+    assert rows[0][1].strip() == "+basic_unet.json"
+
+
+def test_load_probes_puts_the_baseline_under_each_probe(tmp_path):
+    from bundle.recipe import load_probes
+
+    path = tmp_path / "probes.json"
+    path.write_text(json.dumps({"_baseline": {"input_mode": "gray", "features": 16}, "base": {}, "wide": {"features": 32}}))
+    assert load_probes(path) == {"base": {"input_mode": "gray", "features": 16}, "wide": {"input_mode": "gray", "features": 32}}
