@@ -206,8 +206,9 @@ def recipe_table(results_dir: str | os.PathLike, baseline: Mapping[str, Any] | N
     lines = [head]
     for r in rows:
         inst, allm, tn = r["instance_sets"], r["overall"], r["per_dataset"].get("tnbc", {})
-        sw = ", ".join(f"{k}={v}" for k, v in r["overrides"].items() if base.get(k, None) != v) or "(baseline)"
-        sw += "".join(f" +{c}" for c in r["configs"] if c not in ("train.json", "datasets.json", "probe_schedule.json"))
+        sw = ", ".join([f"{k}={v}" for k, v in r["overrides"].items() if base.get(k, None) != v]
+                       + [f"+{c}" for c in r["configs"] if c not in ("train.json", "datasets.json", "probe_schedule.json")])
+        sw = sw.replace(", +", " +") or "(baseline)"
         lines.append(f"| {r['probe']} | {sw} | {inst['aji']:.3f} | {inst['pq']:.3f} | {allm['dice']:.3f} | "
                      f"{allm['bf1']:.3f} | {allm['hd95']:.1f} | {tn.get('dice', float('nan')):.3f} | "
                      f"{allm['grid_index']:.2f} | {r['epochs']} | {r['crops_per_cpu_second']:.2f} | {r['train_cpu_minutes']} |")
