@@ -15,7 +15,7 @@ from bundle.datasets import crop_indices, datasets_datalist, load_or_create_reci
 from bundle.io import DataError, write_png_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE_CONFIGS = [str(ROOT / "configs" / f) for f in ("train.json", "recipe/datasets.json", "recipe/probe_schedule.json")]
+RECIPE_CONFIGS = [str(ROOT / "configs" / f) for f in ("train.json", "recipe/probe_schedule.json")]
 
 
 def make_dataset(root: Path, kind: str, n_groups: int = 5, per_group=(1, 2, 1, 1, 2), sizes=((64, 64), (128, 96), (96, 128)),
@@ -186,13 +186,15 @@ def recipe_parser(data_root: Path, tmp_path: Path, **overrides):
     parser.read_config(RECIPE_CONFIGS)
     parser.update({"data_root": str(data_root), "split_file": str(tmp_path / "split.json"), "spatial_size": [64, 64],
                    "features": 8, "batch_size": 2, "num_workers": 0, "output_dir": str(tmp_path / "run"),
-                   "device": "cpu", **overrides})
+                   "device": "cpu", "model_pixel_size": 0.5, **overrides})
     return parser
 
 
 def test_recipe_config_datasets_match_the_folders():
-    cfg = json.loads((ROOT / "configs" / "recipe" / "datasets.json").read_text())
-    assert set(cfg["datasets"]) == {"tnbc", "monuseg", "consep"}
+    cfg = json.loads((ROOT / "configs" / "train.json").read_text())
+    assert set(cfg["default_datasets"]) == {"tnbc", "monuseg", "consep"}
+    committed = json.loads((ROOT / "configs" / "splits" / "datasets_val_seed42.json").read_text())
+    assert set(committed["datasets"]) == set(cfg["default_datasets"])
 
 
 @pytest.mark.parametrize("mode,channels", [("gray", 1), ("rgb", 3)])
