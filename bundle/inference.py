@@ -1,8 +1,9 @@
 """Inference on tiles of any size: which tiles to run, and bringing them to the scale the network was trained at.
 
-DS-HFN is trained on 40x tiles (about 0.25 um/px) resized by 0.5, i.e. about 0.5 um/px
-(:data:`MODEL_PIXEL_SIZE`). A tile of pixel size ``p`` is resized by ``p / MODEL_PIXEL_SIZE`` before the
-sliding-window network pass, and the prediction is resized back (MONAI ``Invertd``) to the tile's own size.
+The network works at a fixed pixel size, the config's ``model_pixel_size`` (0.25 um/px for the shipped weights;
+:data:`MODEL_PIXEL_SIZE`, 0.5, is only the functions' default). A tile of pixel size ``p`` is resized by
+``p / model_pixel_size`` before the sliding-window network pass, and the prediction is resized back (MONAI
+``Invertd``) to the tile's own size.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from bundle.io import IMAGE_SUFFIXES, DataError
 
 logger = logging.getLogger(__name__)
 
-#: micrometres per pixel of the tiles the shipped network was trained on (40x TNBC/MoNuSeg tiles resized by 0.5)
+#: default model pixel size of the functions here (um/px); the configs set ``model_pixel_size`` (0.25 when shipped)
 MODEL_PIXEL_SIZE = 0.5
 #: micrometres per pixel assumed for input tiles unless told otherwise (40x scanners: 0.23-0.26)
 DEFAULT_PIXEL_SIZE = 0.25

@@ -85,14 +85,16 @@ def test_ckpt_export_torchscript_matches_eager(tmp_path):
     from bundle.network import DSHFN
 
     torch.manual_seed(0)
-    net = DSHFN()
+    train = json.loads((CONFIGS / "train.json").read_text())
+    assert train["input_mode"] == "rgb" and train["upsample"] == "bilinear"  # the shipped recipe
+    net = DSHFN(in_channels=3, features=train["features"], upsample=train["upsample"])
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     ts = tmp_path / "model.ts"
     _cli("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), "--meta_file",
          "configs/metadata.json", "--config_file", "configs/train.json")
     loaded = torch.jit.load(str(ts))
-    x = torch.randn(2, 1, 96, 128)
+    x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net.eval()(x), atol=1e-5, rtol=1e-5)
 

@@ -24,13 +24,15 @@ from bundle.network import DSHFN
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 TINY = {"network_def#features": 4, "network_def#levels": 2}
+#: a tiny network of the shipped recipe (RGB input, bilinear decoder), what inference.json builds with TINY
+RECIPE = {"in_channels": 3, "upsample": "bilinear"}
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    torch.save(DSHFN(features=4, levels=2).state_dict(), path)
+    torch.save(DSHFN(features=4, levels=2, **RECIPE).state_dict(), path)
     return path
 
 
@@ -108,13 +110,13 @@ def test_inference_config_under_torchrun_processes_every_tile_once(ckpt, tnbc_di
 
 def test_segment_cli_loads_checkpoints_and_rejects_a_mismatch(ckpt, tmp_path):
     cli = _segment_module()
-    net = DSHFN(features=4, levels=2)
+    net = DSHFN(features=4, levels=2, **RECIPE)
     cli.load_weights(net, str(ckpt), torch.device("cpu"))
     torch.testing.assert_close(net.state_dict(), torch.load(ckpt))
-    torch.save({"model": DSHFN(features=4, levels=2).state_dict()}, tmp_path / "wrapped.pt")
+    torch.save({"model": DSHFN(features=4, levels=2, **RECIPE).state_dict()}, tmp_path / "wrapped.pt")
     cli.load_weights(net, str(tmp_path / "wrapped.pt"), torch.device("cpu"))  # a {"model": ...} checkpoint
     with pytest.raises(DataError, match="does not fit the network"):
-        cli.load_weights(DSHFN(features=8, levels=2), str(ckpt), torch.device("cpu"))
+        cli.load_weights(DSHFN(features=8, levels=2, **RECIPE), str(ckpt), torch.device("cpu"))
     with pytest.raises(DataError, match="not found"):
         cli.load_weights(net, str(tmp_path / "missing.pt"), torch.device("cpu"))
 
@@ -138,8 +140,9 @@ def test_segment_cli_large_tile_slide_and_folder(ckpt, monuseg_dir, tmp_path):
                      subfiletype=1 if k else 0, resolution=(1e4 / (0.25 * 2**k),) * 2, resolutionunit="CENTIMETER")
     truncated_copy(inputs / "big.tif", inputs / "broken.tif")
     override = tmp_path / "stub.json"  # a stand-in network that finds the dark nuclei (a random one finds noise)
+    # at 0.5 um/px on the gray input, the chunk counts below are those of a 600 x 560 40x tile halved
     override.write_text(json.dumps({"network_def": {"_target_": "bundle.bench.inference.IntensityNet"},
-                                    "patch_size": [64, 64]}))
+                                    "patch_size": [64, 64], "model_pixel_size": 0.5, "input_mode": "gray"}))
     out = tmp_path / "out"
     cli = _segment_module()
     argv = ["--input", str(inputs), "--output_dir", str(out), "--ckpt", "none", "--config_file",

@@ -76,8 +76,9 @@ def test_training_writes_weights_checkpoint_logs_and_metrics(trained):
     assert {"trainer", "network", "optimizer", "lr_scheduler", "validator_best"} <= set(ckpt)
     splits = json.loads((out / "splits.json").read_text())["datasets"]
     (name, split), = splits.items()  # --dataset_dir: one dataset, named after its folder
-    n_train = len(split["train"])  # 512 x 512 TNBC tiles are one 256 x 256 crop at model scale
-    assert ckpt["trainer"]["iteration"] == 2 * -(-n_train // 3)  # 2 epochs x ceil(train tiles / batch 3)
+    # a 512 x 512 TNBC tile at the model scale of 0.25 um/px is drawn as four 256 x 256 crops an epoch
+    n_crops = 4 * len(split["train"])
+    assert ckpt["trainer"]["iteration"] == 2 * -(-n_crops // 3)  # 2 epochs x ceil(crops / batch 3)
     assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert "val_mean_dice" in log and "val_bf1" in log and "val_hd95" in log
     assert "loss_glga" in log and "lr" in log  # loss terms and learning rate logged per epoch
@@ -213,5 +214,5 @@ def test_ddp_training_two_processes(small_dataset, tmp_path):
     assert log.count("new best key metric") == 1  # BestModelSaver runs on rank 0 only
     # DistributedSampler shards the training crops (one per 512 x 512 tile at model scale) over the 2 ranks
     (split,) = json.loads((tmp_path / "s.json").read_text())["datasets"].values()
-    per_rank = -(-len(split["train"]) // 2)
+    per_rank = -(-4 * len(split["train"]) // 2)  # four crops per 512 x 512 tile at 0.25 um/px
     assert torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=False)["trainer"]["iteration"] == -(-per_rank // 3)
