@@ -16,6 +16,7 @@ from monai.networks.nets import BasicUNet
 
 from bundle.baselines import SegmentationOutput
 from bundle.experiments import (
+    KFOLD,
     VARIANTS,
     paired_differences,
     per_fold_table,
@@ -51,7 +52,7 @@ def test_segmentation_output_keeps_logits_in_training_and_gives_the_dshfn_contra
 
 def _parse(variant: str, pipeline: tuple[str, ...] = ()) -> ConfigParser:
     parser = ConfigParser()
-    files = ["configs/train.json", *pipeline, *VARIANTS[variant]]
+    files = ["configs/train.json", *pipeline, KFOLD, *VARIANTS[variant]]  # the runner's merge order
     parser.read_config([str(ROOT / f) for f in files])
     return parser
 
