@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import torch
@@ -215,14 +216,10 @@ class TrainingBudget:
 
     def started(self, engine: Engine) -> None:
         if self.start is None:
-            import time
-
             self.start = time.process_time()
 
     def used(self) -> float:
         """CPU seconds used since the first epoch started (0 before)."""
-        import time
-
         return 0.0 if self.start is None else time.process_time() - self.start
 
     def __call__(self, engine: Engine) -> None:

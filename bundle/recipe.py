@@ -116,7 +116,7 @@ def evaluate_run(config_files: Sequence[str], overrides: Mapping[str, Any], weig
     parser.update(dict(overrides))
     network = parser.get_parsed_content("network_def")
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    network.load_state_dict(state.get("network", state) if isinstance(state, dict) and "network" in state else state)
+    network.load_state_dict(state["network"] if "network" in state else state)  # checkpoint.pt or model.pt
     tiles = predict_validation(parser, network, parser.get_parsed_content("spatial_size"))
     factor = 0.5 / float(parser.get_parsed_content("model_pixel_size"))  # the size grid is in 0.5 um/px pixels
     sizes = scaled_grid(SIZE_GRID, factor)
@@ -178,9 +178,7 @@ def run_probe(name: str, spec: Mapping[str, Any], data_root: str, runs_dir: str 
         write_text_atomic(done, json.dumps({"wall_seconds": round(time.time() - started, 1),
                                             "cpu_seconds": round(t.children_user + t.children_system
                                                                  - cpu.children_user - cpu.children_system, 1)}) + "\n")
-    import torch as _torch
-
-    state = _torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     trainer = state.get("trainer", {})
     iterations, epoch_length = int(trainer.get("iteration", 0)), int(trainer.get("epoch_length", 0) or 1)
     result = evaluate_run(files, overrides, ckpt)

@@ -138,20 +138,15 @@ def test_both_front_ends_find_the_same_nuclei_in_16bit_and_float_tiffs(stub, tmp
     write_frames(tiles / "frames.tif", rgb)
     # segment.py (exit 1: the 3-frame TIFF failed, the rest done)
     assert segment(stub, tiles, tmp_path / "seg") == 1
-    run = json.loads((tmp_path / "seg" / "segment_summary.json").read_text())
-    assert run["done"] == sorted(paths) and "stack" in run["failed"][0]["error"]
-    ref = labels(tmp_path / "seg" / "png8_instances.png")
-    assert ref.max() >= 20
-    for name in paths:
-        np.testing.assert_array_equal(labels(tmp_path / "seg" / f"{name}_instances.png"), ref, err_msg=name)
     # configs/inference.json
     bundle_run(stub, "--input_dir", tiles, "--output_dir", tmp_path / "inf")
-    summary = json.loads((tmp_path / "inf" / "inference_summary.json").read_text())
-    assert summary["done"] == sorted(paths) and "stack" in summary["failed"][0]["error"]
-    ref = labels(tmp_path / "inf" / "png8_instances.png")
-    assert ref.max() >= 20
-    for name in paths:
-        np.testing.assert_array_equal(labels(tmp_path / "inf" / f"{name}_instances.png"), ref, err_msg=name)
+    for folder, summary_name in (("seg", "segment_summary.json"), ("inf", "inference_summary.json")):
+        summary = json.loads((tmp_path / folder / summary_name).read_text())
+        assert summary["done"] == sorted(paths) and "stack" in summary["failed"][0]["error"]
+        ref = labels(tmp_path / folder / "png8_instances.png")
+        assert ref.max() >= 20
+        for name in paths:
+            np.testing.assert_array_equal(labels(tmp_path / folder / f"{name}_instances.png"), ref, err_msg=name)
 
 
 # ---------------------------------------------------------------------------------- file names and output folders
