@@ -226,3 +226,61 @@ class TrainingBudget:
         if self.used() >= self.seconds:
             logger.info(f"training budget of {self.seconds / 60:.1f} CPU minutes used up after epoch {engine.state.epoch}")
             engine.terminate()
+
+
+class TrainingCurve:
+    """Append one row per epoch to a CSV file: epoch, the epoch's process CPU seconds, the trainer's scalar metrics
+    (epoch-mean loss terms, learning rate) and, in epochs where it ran, the validator's metrics.
+
+    The file is rewritten atomically each epoch and rows of epochs at or after the current one are dropped first,
+    so a run resumed from an earlier checkpoint (or on another machine with the CSV copied back) keeps one row per
+    epoch. Written because MONAI's ``MetricsSaver`` stores final metrics only and TensorBoard event files are not
+    a table a user can open in pandas. Register it last in ``train_handlers``.
+    """
+
+    def __init__(self, path: str, validator: Engine | None = None) -> None:
+        self.path = path
+        self.validator = validator
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def started(self, engine: Engine) -> None:
+        self._start = time.process_time()
+
+    def rows(self) -> list[dict[str, str]]:
+        """The rows written so far ([] when there is no file)."""
+        import csv
+
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def __call__(self, engine: Engine) -> None:
+        import csv
+        import io
+
+        epoch = engine.state.epoch
+        row: dict[str, Any] = {"epoch": epoch, "cpu_seconds": round(time.process_time() - self._start, 1)}
+        row.update({k: v for k, v in engine.state.metrics.items() if isinstance(v, (int, float))})
+        validator = self.validator
+        if validator is not None and getattr(validator.state, "epoch", None) == epoch:
+            row.update({f"val_{k}" if not k.startswith("val_") else k: v
+                        for k, v in validator.state.metrics.items() if isinstance(v, (int, float))})
+        rows = [r for r in self.rows() if int(r["epoch"]) < epoch] + [row]
+        fields: list[str] = []
+        for r in rows:
+            fields += [k for k in r if k not in fields]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                f.write(buf.getvalue())
+
+        atomic_write(self.path, write)
