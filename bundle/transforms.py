@@ -14,56 +14,30 @@ Every step exists as an array ``Transform`` (``Foo``, channel-first ``(C, H, W)`
 - :class:`NucleiTargets`: label map -> the 2-channel target ``(2, H, W)`` float32 {0, 1} of the shared data
   contract: channel 0 = nucleus foreground, channel 1 = boundary map (``skimage.segmentation.find_boundaries``).
 
-Scaling, resizing and augmentation are plain MONAI transforms; :func:`train_transforms` / :func:`eval_transforms`
-build the chains below. Design choices (why):
+The chains themselves are defined once, in ``configs/train.json``: ``base_transforms`` (load, clean the label,
+Reinhard, resize to the model scale with :class:`bundle.inference.ToModelScaled`, pad to ``spatial_size``),
+``input_transforms`` (:class:`bundle.channels.ModelInputd`), ``target_transforms`` (:class:`NucleiTargetsd`,
+per-channel z-score), ``random_crop``, ``stain_augmentation`` and ``train#augmentation``, assembled into
+``train#preprocessing`` and ``validate#preprocessing``. Design choices (why):
 
-- Order: load -> clean the label -> Reinhard -> grayscale -> resize to 256x256 -> scale to [0, 1] -> geometric
-  augmentation of image AND integer label map (nearest for the label) -> contrast (image only) -> targets ->
-  zero-mean/unit-variance. Targets come after every geometric step so that the boundary channel is recomputed
-  on the label actually seen at training resolution (crisp, 1 pixel wide, consistent with the region channel)
-  instead of being resampled as a thin line that nearest/bilinear interpolation would break or blur.
-  Everything up to the scaling is deterministic, so a ``CacheDataset`` caches it.
+- Order: the deterministic steps come first (everything in ``base_transforms``), so a ``CacheDataset`` caches
+  them. Targets come after every geometric step so that the boundary channel is recomputed on the label actually
+  seen at training resolution (crisp, 1 pixel wide, consistent with the region channel) instead of being
+  resampled as a thin line that nearest/bilinear interpolation would break or blur.
 - Reinhard before the resize: the colour statistics are those of the full-resolution tile (the space is the one
   the reference is computed in); being a per-pixel map it commutes with resizing up to interpolation.
-- Resize: ``Resized(mode=("bicubic", "nearest-exact"), anti_aliasing=(True, False))``. MONAI's bicubic is
-  ``torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`` on the (1, C, H, W) batch, i.e. the
-  Keys cubic (a = -0.75) sampled at output pixel centres with NO low-pass filter; 512->256 (TNBC, factor 2) then
-  only mildly aliases, but 1000->256 (MoNuSeg, factor 3.9) skips pixels and aliases chromatin texture. MONAI's
-  ``anti_aliasing`` applies a Gaussian of sigma (s - 1) / 2 first (skimage.transform.resize's rule: 0.5 for
-  TNBC, 1.45 for MoNuSeg), so it is on for the image. Labels use ``"nearest-exact"`` (pixel-centre sampling,
-  the same grid as bicubic with ``align_corners=False``); torch's legacy ``"nearest"`` takes the top-left pixel
-  of each cell and shifts the label by up to (s - 1) / 2 input pixels relative to the image.
-- Augmentation at 256x256 after resizing (cheaper, and the label is resampled only once by nearest before the
-  targets are drawn). Rotations by multiples of 90 degrees and flips are exact; small rotations (+-15 degrees)
-  and elastic warps use reflection padding so no black corners appear that have no nucleus label. No random
-  translation: the network is fully convolutional, so shifting a tile teaches it nothing but border effects.
+- Resize to the model scale: bicubic with anti-aliasing for the image (MONAI's bicubic alone samples the Keys
+  cubic at output pixel centres with no low-pass filter, which aliases chromatin texture when shrinking by more
+  than 2; ``anti_aliasing`` applies a Gaussian of sigma (s - 1) / 2 first, skimage.transform.resize's rule), and
+  ``"nearest-exact"`` for the label (pixel-centre sampling, the same grid as bicubic with
+  ``align_corners=False``; torch's legacy ``"nearest"`` takes the top-left pixel of each cell and shifts the label
+  by up to (s - 1) / 2 input pixels relative to the image).
+- Augmentation after the crop at model scale (cheaper, and the label is resampled only once by nearest before
+  the targets are drawn). Rotations by multiples of 90 degrees and flips are exact; small rotations (+-15
+  degrees) and elastic warps use reflection padding so no black corners appear that have no nucleus label. No
+  random translation beyond the crop: the network is fully convolutional.
 - Reinhard reference: a dict ``{"means": [L, a, b], "stds": [L, a, b]}`` stored in the config (``@reinhard_reference``),
   computed by ``scripts/reinhard_stats.py`` from the training images of a split.
-
-Recommended training chain (the JSON form of :func:`train_transforms`; ``eval_transforms`` is the same without
-the ``Rand*`` steps; ``"reinhard_reference"`` is the config entry holding the reference statistics)::
-
-    [
-      {"_target_": "bundle.transforms.LoadTiled", "keys": ["image", "label"], "kinds": ["image", "label"]},
-      {"_target_": "bundle.transforms.CleanMaskd", "keys": "label", "min_size": 10, "max_hole_size": 10},
-      {"_target_": "bundle.transforms.ReinhardNormalized", "keys": "image",
-       "means": "@reinhard_reference#means", "stds": "@reinhard_reference#stds"},
-      {"_target_": "bundle.transforms.Grayscaled", "keys": "image", "weights": "bt601"},
-      {"_target_": "Resized", "keys": ["image", "label"], "spatial_size": [256, 256],
-       "mode": ["bicubic", "nearest-exact"], "anti_aliasing": [true, false]},
-      {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0.0, "a_max": 255.0,
-       "b_min": 0.0, "b_max": 1.0, "clip": true},
-      {"_target_": "RandRotate90d", "keys": ["image", "label"], "prob": 0.5, "max_k": 3},
-      {"_target_": "RandFlipd", "keys": ["image", "label"], "prob": 0.5, "spatial_axis": 0},
-      {"_target_": "RandFlipd", "keys": ["image", "label"], "prob": 0.5, "spatial_axis": 1},
-      {"_target_": "RandRotated", "keys": ["image", "label"], "range_x": 0.2618, "prob": 0.5,
-       "mode": ["bilinear", "nearest"], "padding_mode": "reflection"},
-      {"_target_": "Rand2DElasticd", "keys": ["image", "label"], "spacing": [32, 32],
-       "magnitude_range": [1.0, 2.0], "prob": 0.3, "mode": ["bilinear", "nearest"], "padding_mode": "reflection"},
-      {"_target_": "RandAdjustContrastd", "keys": "image", "prob": 0.3, "gamma": [0.7, 1.5]},
-      {"_target_": "bundle.transforms.NucleiTargetsd", "keys": "label", "mode": "inner", "connectivity": 1},
-      {"_target_": "NormalizeIntensityd", "keys": "image"}
-    ]
 """
 
 from __future__ import annotations
@@ -77,20 +51,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor, PathLike
 from monai.data import ImageReader
-from monai.transforms import (
-    Compose,
-    LoadImage,
-    MapTransform,
-    NormalizeIntensityd,
-    Rand2DElasticd,
-    RandAdjustContrastd,
-    RandFlipd,
-    RandRotate90d,
-    RandRotated,
-    Resized,
-    ScaleIntensityRanged,
-    Transform,
-)
+from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import convert_data_type, convert_to_dst_type, ensure_tuple, ensure_tuple_rep
 from scipy import ndimage as ndi
 from skimage.color import lab2rgb, rgb2lab
@@ -115,9 +76,6 @@ __all__ = [
     "CleanMaskd",
     "NucleiTargets",
     "NucleiTargetsd",
-    "train_augmentations",
-    "train_transforms",
-    "eval_transforms",
 ]
 
 
@@ -380,11 +338,10 @@ def clean_label_map(label: np.ndarray, min_size: int = 10, max_hole_size: int = 
 class CleanMask(Transform):
     """Morphological label refinement (paper §4.1) on a (1, H, W) label map; see :func:`clean_label_map`.
 
-    On by default in :func:`train_transforms` / :func:`eval_transforms` with ``min_size=10, max_hole_size=10``
-    at the tile's native resolution, because the paper does it and it is cheap; its effect on these releases is
-    small: TNBC loses 4 specks (10 pixels) of 4,028 components and gains 7 hole pixels, MoNuSeg loses 2 objects
-    and gains 95 pixels in 67 holes of 1-4 pixels. Nothing a pathologist would call a nucleus changes, and a
-    10-pixel object would be 1-3 pixels after the 2-4x downsampling anyway (``clean=False`` switches it off).
+    A step of ``base_transforms`` in ``configs/train.json`` with ``min_size=10, max_hole_size=10`` at the tile's
+    native resolution, because the paper does it and it is cheap; its effect on these releases is small: TNBC
+    loses 4 specks (10 pixels) of 4,028 components and gains 7 hole pixels, MoNuSeg loses 2 objects and gains 95
+    pixels in 67 holes of 1-4 pixels. Nothing a pathologist would call a nucleus changes.
     """
 
     def __init__(self, min_size: int = 10, max_hole_size: int = 10) -> None:
@@ -499,77 +456,3 @@ class NucleiTargetsd(MapTransform):
                 target = torch.cat([target, weight]) if isinstance(target, torch.Tensor) else np.concatenate([target, weight])
             d[key] = target
         return d
-
-
-# -------------------------------------------------------------------------------------------------- chains
-def _preprocess(
-    reinhard_ref: Mapping[str, Sequence[float]] | None, spatial_size: int, keys: tuple[str, ...], clean: bool
-) -> list[Transform]:
-    label = "label" in keys
-    chain: list[Transform] = [LoadTiled(keys, kinds=["image" if k == "image" else "label" for k in keys])]
-    if label and clean:
-        chain.append(CleanMaskd("label", min_size=10, max_hole_size=10))
-    if reinhard_ref is not None:
-        chain.append(ReinhardNormalized("image", means=reinhard_ref["means"], stds=reinhard_ref["stds"]))
-    chain += [
-        Grayscaled("image", weights="bt601"),
-        Resized(
-            keys,
-            spatial_size=(spatial_size, spatial_size),
-            mode=["bicubic" if k == "image" else "nearest-exact" for k in keys],
-            anti_aliasing=[k == "image" for k in keys],
-        ),
-        ScaleIntensityRanged("image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True),
-    ]
-    return chain
-
-
-def _finish(keys: tuple[str, ...]) -> list[Transform]:
-    chain: list[Transform] = [NucleiTargetsd("label", mode="inner", connectivity=1)] if "label" in keys else []
-    return chain + [NormalizeIntensityd("image")]
-
-
-def train_augmentations(keys: Sequence[str] = ("image", "label")) -> list[Transform]:
-    """The ``Rand*`` steps of the training chain for an image ``keys[0]`` in [0, 1] and an integer label map
-    ``keys[1:]`` (nearest resampling, so ids stay ids): 90-degree rotations, flips on both axes, rotations by
-    up to +-15 degrees, elastic warps (control points every 32 px moved by N(0, 1) * U(1, 2) px: mean
-    displacement ~2 px, max ~6 px at 256x256, i.e. a fraction of a nucleus) and gamma contrast 0.7..1.5 on the
-    image only. Probabilities < 1 so part of each mini-batch stays close to the original (paper §4.2)."""
-    keys = list(keys)
-    modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
-    return [
-        RandRotate90d(keys, prob=0.5, max_k=3),
-        RandFlipd(keys, prob=0.5, spatial_axis=0),
-        RandFlipd(keys, prob=0.5, spatial_axis=1),
-        RandRotated(keys, range_x=0.2618, prob=0.5, mode=modes, padding_mode="reflection"),
-        Rand2DElasticd(
-            keys, spacing=(32, 32), magnitude_range=(1.0, 2.0), prob=0.3, mode=modes, padding_mode="reflection"
-        ),
-        RandAdjustContrastd(keys[0], prob=0.3, gamma=(0.7, 1.5)),
-    ]
-
-
-def train_transforms(
-    reinhard_ref: Mapping[str, Sequence[float]] | None,
-    spatial_size: int = 256,
-    augment: bool = True,
-    clean: bool = True,
-) -> Compose:
-    """The training chain of the module docstring on {"image": path, "label": path} -> image (1, S, S) float32
-    standardised, label (2, S, S) float32 {0, 1}. ``reinhard_ref=None`` skips colour normalisation (ablation);
-    ``augment=False`` drops the ``Rand*`` steps; ``clean=False`` drops :class:`CleanMaskd`."""
-    keys = ("image", "label")
-    chain = _preprocess(reinhard_ref, spatial_size, keys, clean) + (train_augmentations(keys) if augment else [])
-    return Compose(chain + _finish(keys))
-
-
-def eval_transforms(
-    reinhard_ref: Mapping[str, Sequence[float]] | None,
-    spatial_size: int = 256,
-    with_label: bool = True,
-    clean: bool = True,
-) -> Compose:
-    """Validation/inference chain: :func:`train_transforms` without augmentation; ``with_label=False`` loads and
-    preprocesses only "image" (inference on unlabelled tiles)."""
-    keys = ("image", "label") if with_label else ("image",)
-    return Compose(_preprocess(reinhard_ref, spatial_size, keys, clean) + _finish(keys))

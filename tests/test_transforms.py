@@ -1,9 +1,9 @@
-"""Tests of bundle/transforms.py and scripts/reinhard_stats.py on real TNBC / MoNuSeg tiles and hand-built cases."""
+"""Tests of bundle/transforms.py and scripts/reinhard_stats.py on real TNBC / MoNuSeg tiles and hand-built cases, and of
+the training / validation chains as configs/train.json builds them."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +11,12 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Compose, LoadImaged, NormalizeIntensity, Resized, ScaleIntensityRange
+from monai.transforms import Compose, LoadImaged, NormalizeIntensity, RandAdjustContrastd, Randomizable, Resized, ScaleIntensityRange
 from PIL import Image
 from scipy import ndimage as ndi
 from skimage.color import rgb2gray, rgb2lab
 from skimage.segmentation import find_boundaries
 
-import bundle.transforms as bt
 from bundle.io import DataError, read_image, read_label
 from bundle.transforms import (
     CleanMask,
@@ -31,18 +30,17 @@ from bundle.transforms import (
     ReinhardNormalize,
     ReinhardNormalized,
     clean_label_map,
-    eval_transforms,
     lab_statistics,
     reinhard_reference,
-    train_augmentations,
-    train_transforms,
 )
+from bundle.channels import input_channels
 
 TNBC_ID = "01_1"
 MONUSEG_ID = "TCGA-18-5592-01Z-00-DX1"
 # TNBC reference of the report; any plausible H&E statistics work for the chain tests
 TNBC_REF = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
-# the resize step of the chains
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# a 256x256 resize with the modes of the chain's resize to the model scale
 RESIZE = Resized(["image", "label"], (256, 256), mode=["bicubic", "nearest-exact"], anti_aliasing=[True, False])
 
 
@@ -52,6 +50,27 @@ def _pair(dataset_dir: Path, sample_id: str) -> dict[str, str]:
         "image": str(dataset_dir / "images" / f"{sample_id}.png"),
         "label": str(dataset_dir / label_dir / f"{sample_id}.png"),
     }
+
+
+def _train_config(data_root: Path, output_dir: Path) -> ConfigParser:
+    """configs/train.json on the datasets under ``data_root``, writing nothing outside ``output_dir``."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"data_root": str(data_root), "output_dir": str(output_dir), "num_workers": 0})
+    return parser
+
+
+@pytest.fixture(scope="module")
+def train_config(tnbc_dir, tmp_path_factory) -> ConfigParser:
+    return _train_config(tnbc_dir.parent, tmp_path_factory.mktemp("train_config"))
+
+
+@pytest.fixture(scope="module")
+def datalist_items(train_config) -> dict[str, dict]:
+    """Every tile of the config's train and validation datalists (with the pixel_size and label_kind the chains
+    read), by id."""
+    items = train_config.get_parsed_content("train_datalist") + train_config.get_parsed_content("val_datalist")
+    return {it["id"]: it for it in items}
 
 
 @pytest.fixture(scope="module")
@@ -299,10 +318,10 @@ def test_clean_mask_on_tnbc(tnbc):
 
 
 # -------------------------------------------------------------------------------------------- augmentation
-def test_augmentations_keep_image_and_label_aligned(tnbc_256):
+def test_augmentations_keep_image_and_label_aligned(tnbc_256, train_config):
     """Image := its own label (0/1): after the random geometric steps (bilinear vs nearest) they still agree."""
     label = tnbc_256["label"]
-    chain = Compose(train_augmentations(["image", "label"]))
+    chain = Compose(train_config.get_parsed_content("train#augmentation", instantiate=True))
     changed = 0
     for seed in range(6):
         chain.set_random_state(seed)
@@ -317,10 +336,12 @@ def test_augmentations_keep_image_and_label_aligned(tnbc_256):
     assert changed >= 3  # the steps really moved the label
 
 
-def test_elastic_and_rotation_keep_instance_ids_aligned(monuseg):
-    """With every step forced on, an instance map and its copy as an image (bilinear) stay aligned."""
+def test_elastic_and_rotation_keep_instance_ids_aligned(monuseg, train_config):
+    """With every geometric step forced on, an instance map and its copy as an image (bilinear) stay aligned."""
     small = Resized("label", (256, 256), mode="nearest-exact")({"label": monuseg["label"]})["label"]
-    steps = train_augmentations(["image", "label"])[:-1]
+    augmentation = train_config.get_parsed_content("train#augmentation", instantiate=True)
+    steps = [t for t in augmentation if not isinstance(t, RandAdjustContrastd)]  # the geometric ones
+    assert len(steps) == len(augmentation) - 1
     for step in steps:
         step.prob = 1.0
     chain = Compose(steps).set_random_state(3)
@@ -332,33 +353,55 @@ def test_elastic_and_rotation_keep_instance_ids_aligned(monuseg):
 
 # -------------------------------------------------------------------------------------------------- chains
 @pytest.mark.parametrize("fixture_dir,sample_id", [("tnbc_dir", TNBC_ID), ("monuseg_dir", MONUSEG_ID)])
-def test_full_train_chain(request, fixture_dir, sample_id):
-    pair = _pair(request.getfixturevalue(fixture_dir), sample_id)
-    chain = train_transforms(TNBC_REF).set_random_state(0)
-    out = chain(pair)
+def test_full_train_chain(request, fixture_dir, sample_id, train_config, datalist_items):
+    """train#preprocessing and validate#preprocessing of configs/train.json on a real tile of its datalists."""
+    request.getfixturevalue(fixture_dir)
+    item = datalist_items[sample_id]
+    channels = input_channels(train_config.get_parsed_content("input_mode"))
+    size = tuple(train_config.get_parsed_content("spatial_size"))
+    chain = train_config.get_parsed_content("train#preprocessing", instantiate=True).set_random_state(0)
+    out = chain(dict(item))
     image, label = out["image"], out["label"]
-    assert image.shape == (1, 256, 256) and image.dtype == torch.float32
-    assert label.shape == (2, 256, 256) and label.dtype == torch.float32
-    assert set(np.unique(label.numpy())) <= {0.0, 1.0} and label[0].sum() > 0 and label[1].sum() > 0
+    assert image.shape == (channels, *size) and image.dtype == torch.float32
+    # foreground, boundary, boundary weight (1 for instance labels, 0 for binary masks)
+    assert label.shape == (3, *size) and label.dtype == torch.float32
+    assert set(np.unique(label[:2].numpy())) <= {0.0, 1.0} and label[0].sum() > 0 and label[1].sum() > 0
     assert (label[1] <= label[0]).all()
-    assert abs(float(image.mean())) < 1e-4 and abs(float(image.std(unbiased=False)) - 1) < 1e-3
-    assert image.meta["filename_or_obj"] == pair["image"]
-    evaluated = eval_transforms(TNBC_REF)(pair)
-    assert evaluated["image"].shape == (1, 256, 256) and evaluated["label"].shape == (2, 256, 256)
-    only_image = eval_transforms(TNBC_REF, with_label=False)({"image": pair["image"]})
+    assert set(np.unique(label[2].numpy())) == {1.0 if item["label_kind"] == "instance" else 0.0}
+    for c in range(channels):  # per-channel z-score
+        assert abs(float(image[c].mean())) < 1e-4 and abs(float(image[c].std(unbiased=False)) - 1) < 1e-3
+    assert image.meta["filename_or_obj"] == item["image"]
+
+    evaluated = train_config.get_parsed_content("validate#preprocessing", instantiate=True)(dict(item))
+    # the whole tile at the model scale, padded to at least one window
+    scale = item["pixel_size"] / train_config.get_parsed_content("model_pixel_size")
+    native = read_image(item["image"]).shape[:2]
+    expected = tuple(max(round(n * scale), s) for n, s in zip(native, size))
+    assert evaluated["image"].shape == (channels, *expected) and evaluated["label"].shape == (3, *expected)
+    assert evaluated["image"].meta["filename_or_obj"] == item["image"]
+
+    # inference (image only, configs/inference.json) sees the image validation sees
+    infer = ConfigParser()
+    infer.read_config(str(CONFIGS / "inference.json"))
+    infer.update({"pixel_size": item["pixel_size"]})
+    only_image = infer.get_parsed_content("preprocessing", instantiate=True)({"image": item["image"]})
     np.testing.assert_allclose(only_image["image"].numpy(), evaluated["image"].numpy(), atol=1e-5)
 
 
-def test_docstring_json_chain_equals_train_transforms(tnbc_dir):
-    """The JSON chain in the module docstring (for configs/train.json) builds the same pipeline."""
-    block = bt.__doc__.split("Recommended training chain")[1].split("::", 1)[1]
-    chain_json = json.loads(re.sub(r"\s+", " ", block))
-    parser = ConfigParser({"reinhard_reference": TNBC_REF, "chain": chain_json})
-    from_json = Compose(parser.get_parsed_content("chain"))
-    from_python = train_transforms(TNBC_REF)
-    assert [type(t).__name__ for t in from_json.transforms] == [type(t).__name__ for t in from_python.transforms]
-    pair = _pair(tnbc_dir, TNBC_ID)
-    a = from_json.set_random_state(7)(pair)
-    b = from_python.set_random_state(7)(pair)
+def test_train_chain_order_and_determinism(tnbc_dir, train_config, datalist_items):
+    """The chain caches only deterministic steps, draws targets after every random step, and is reproducible."""
+    chain = train_config.get_parsed_content("train#preprocessing", instantiate=True)
+    names = [type(t).__name__ for t in chain.transforms]
+    first_random = next(i for i, t in enumerate(chain.transforms) if isinstance(t, Randomizable))
+    base = train_config.get_parsed_content("base_transforms", instantiate=True)
+    assert first_random == len(base) and names[:first_random] == [type(t).__name__ for t in base]
+    assert names[first_random] == "RandSpatialCropd" and "ReinhardNormalized" in names[:first_random]
+    last_random = max(i for i, t in enumerate(chain.transforms) if isinstance(t, Randomizable))
+    assert names.index("NucleiTargetsd") > last_random
+    validate = train_config.get_parsed_content("validate#preprocessing", instantiate=True)
+    assert not any(isinstance(t, Randomizable) for t in validate.transforms)
+    item = datalist_items[TNBC_ID]
+    a = chain.set_random_state(7)(dict(item))
+    b = chain.set_random_state(7)(dict(item))
     for key in ("image", "label"):
         np.testing.assert_allclose(a[key].numpy(), b[key].numpy(), atol=1e-5)
