@@ -76,11 +76,12 @@ def test_transfer_configs_train_at_model_scale_on_crops_and_evaluate_whole_tiles
         steps = parser.get_parsed_content("base_transforms")
         names = [type(t).__name__ for t in steps]
         assert names == ["LoadTiled", "CleanMaskd", "ReinhardNormalized", "ToModelScaled", "SpatialPadd"]  # no squashing
-        assert steps[3].pixel_size_key == "pixel_size" and parser.get_parsed_content("pixel_size") == 0.25
+        (scale,) = [t for t in steps if type(t).__name__ == "ToModelScaled"]
+        assert scale.pixel_size_key == "pixel_size" and parser.get_parsed_content("pixel_size") == 0.25
         assert parser.get_parsed_content("model_pixel_size") == 0.5  # 40x (0.25 um/px) -> 0.5 um/px
         inferer = parser.get_parsed_content("validate#inferer")
         assert type(inferer).__name__ == "SlidingWindowInferer" and tuple(inferer.roi_size) == (256, 256)
-    crops = train.get_parsed_content("random_crops")
+    crops = train.get_parsed_content("random_crop")
     assert type(crops).__name__ == "RandSpatialCropSamplesd" and crops.cropper.num_samples == 4
     # schedule batch 4 = crops per optimizer step: 1 tile x 4 crops
     assert train.get_parsed_content("batch_size") == 4 and train.get_parsed_content("train#dataloader#batch_size") == 1
