@@ -1,4 +1,4 @@
-"""Cross-validation experiments of issue 7: DS-HFN, the MONAI baselines and the Table 4 ablations, one pipeline.
+"""Cross-validation experiments: DS-HFN, the MONAI baselines and the Table 4 ablations, one pipeline.
 
 Every run is ``python -m monai.bundle run`` on ``configs/train.json`` plus the variant's file from
 ``configs/variants/`` (config variants, not forks), so every model sees the same folds, transforms, optimiser,

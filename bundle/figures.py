@@ -1,4 +1,4 @@
-"""Figures of the experiments (issue 7), made from the committed results so anyone can regenerate them.
+"""Figures of the experiments, made from the committed results so anyone can regenerate them.
 
 * :func:`export_curves`: a run's per-epoch TensorBoard scalars -> CSV (committed beside the fold's results, since
   run folders are not);

@@ -1,4 +1,4 @@
-"""Watershed parameters tuned on validation tiles only (issue 6).
+"""Watershed parameters tuned on validation tiles only.
 
 The items are what inference sees: a trained network's region and boundary maps at model scale (the chunk engine,
 :func:`bundle.tiling.predict_chunks`) on tiles it was neither trained nor tested on, next to the true instance

@@ -1,4 +1,4 @@
-"""Issue 7's cross-validation experiments: a thin command line over :mod:`bundle.experiments`.
+"""Cross-validation and transfer experiments: a thin command line over :mod:`bundle.experiments`.
 
     # DS-HFN and BasicUNet on all five TNBC folds, same budget (resumable: rerun the same command)
     python scripts/experiments.py run --variants dshfn basic_unet --folds 0 1 2 3 4 \\

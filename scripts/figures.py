@@ -1,4 +1,4 @@
-"""Figures of the experiments (issue 7): a thin command line over :mod:`bundle.figures`.
+"""Figures of the cross-validation and transfer experiments: a thin command line over :mod:`bundle.figures`.
 
 Needs matplotlib for curves, bars and the transfer heatmap (pip install -r requirements-figures.txt); qualitative
 overlays need PIL only.

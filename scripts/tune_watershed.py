@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tune the watershed parameters of ``configs/inference.json`` on validation tiles only (issue 6).
+"""Tune the watershed parameters of ``configs/inference.json`` on validation tiles only.
 
     # the cross-organ transfer models (scripts/experiments.py transfer), each on its validation organ
     python scripts/tune_watershed.py --runs_dir runs/experiments/monuseg_transfer/dshfn --rows 0 1 2 3 4 \\

@@ -1,4 +1,4 @@
-"""Issue 7's experiment machinery: baseline adapter, config variants, fold tables, and one real run_fold."""
+"""The experiment machinery: baseline adapter, config variants, fold tables, and one real run_fold."""
 
 from __future__ import annotations
 
