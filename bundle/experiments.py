@@ -61,6 +61,15 @@ TABLE_METRICS = [
 ]
 
 
+
+def keep_curve(run_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Copy a run's per-epoch ``curve.csv`` (``bundle.handlers.TrainingCurve``, the ``curve_path`` of train.json)
+    beside its results (committed, since run folders are not); atomic."""
+    from bundle.io import atomic_write
+
+    data = (Path(run_dir) / "curve.csv").read_bytes()
+    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
+
 def _config_files(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str] = ()) -> list[Path]:
     """Config files in merge order: train.json, the ``pipeline`` files (e.g. evaluate.json), the variant,
     ``overrides``.
@@ -202,9 +211,7 @@ def _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, d
     log_path = out / "experiment.log"
     started = time.time()
     train_info = _train_once(variant, out, common, max_epochs, overrides, (KFOLD,), log_path)
-    from bundle.figures import export_curves  # figures imports this module
-
-    export_curves(out / "logs", Path(results_dir) / variant / f"fold{fold}_curves.csv")
+    keep_curve(out, Path(results_dir) / variant / f"fold{fold}_curves.csv")
     for resolution, (csv_path, json_path) in zip(RESOLUTIONS, wanted):
         eval_dir = out / "eval" / f"fold{fold}_test_{resolution}"
         bundle_run("evaluating", _configs(variant, ["configs/evaluate.json", KFOLD], overrides),
@@ -425,9 +432,7 @@ def _run_transfer_row_locked(variant, row, out, results_dir, max_epochs, device,
         common["device"] = device_name(device)
     log_path = out / "experiment.log"
     train_info = _train_once(variant, out, common, max_epochs, overrides, TRANSFER_TRAIN, log_path)
-    from bundle.figures import export_curves  # figures imports this module
-
-    export_curves(out / "logs", Path(results_dir) / variant / f"train{row}_curves.csv")
+    keep_curve(out, Path(results_dir) / variant / f"train{row}_curves.csv")
     bundle_run("evaluating", _configs(variant, TRANSFER_EVALUATE, overrides), {**common, "eval_part": "all"},
                 log_path)
     per_image = out / "eval" / f"fold{row}_all_model" / "metrics_per_image.csv"

@@ -25,9 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 from skimage.measure import approximate_polygon
-from skimage.segmentation import find_boundaries
 
 from bundle.io import atomic_write, write_png_atomic, write_text_atomic
 from bundle.measure import border_pixels, label_properties
@@ -284,7 +282,7 @@ def nucleus_table(
     return table
 
 
-def _table_csv(table: dict[str, np.ndarray]) -> str:
+def table_csv(table: dict[str, np.ndarray]) -> str:
     buf = _io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(list(table))
@@ -473,7 +471,7 @@ def write_tile_outputs(
         write_text_atomic(paths["geojson"], json.dumps(collection, separators=(",", ":"), allow_nan=False))
     if "csv" in formats:
         paths["csv"] = out_dir / f"{tile_id}_nuclei.csv"
-        write_text_atomic(paths["csv"], _table_csv(table))
+        write_text_atomic(paths["csv"], table_csv(table))
     if "overlay" in formats:
         paths["overlay"] = out_dir / f"{tile_id}_overlay.png"
         write_png_atomic(paths["overlay"], instance_overlay(img, inst))

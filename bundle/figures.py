@@ -1,7 +1,5 @@
 """Figures of the experiments, made from the committed results so anyone can regenerate them.
 
-* :func:`export_curves`: a run's per-epoch TensorBoard scalars -> CSV (committed beside the fold's results, since
-  run folders are not);
 * :func:`plot_curves`, :func:`plot_metric_bars`: training curves and mean +- SD bars (matplotlib, an optional
   extra: ``pip install -r requirements-figures.txt``);
 * :func:`qualitative_grid`: image with true (green) and predicted (red) contours for tiles of several patients
@@ -12,7 +10,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,31 +20,6 @@ from bundle.experiments import TABLE_METRICS, VARIANTS, collect, transfer_fold_n
 
 #: per-epoch scalars worth keeping (train_loss is logged per iteration and left out)
 CURVE_TAGS = ("val_mean_dice", "val_iou", "val_bf1", "val_hd95", "loss_total", "loss_seg", "loss_edge", "loss_glga", "lr")
-
-
-def export_curves(log_dir: str | os.PathLike, csv_path: str | os.PathLike) -> int:
-    """Write the per-epoch scalars of a run's TensorBoard logs as CSV (``epoch`` + :data:`CURVE_TAGS` present).
-
-    A resumed run logs some epochs twice: the last value of an epoch wins. Returns the number of epochs written.
-    """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from bundle.io import write_text_atomic
-
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = [t for t in CURVE_TAGS if t in acc.Tags()["scalars"]]
-    table: dict[int, dict[str, float]] = {}
-    for tag in tags:
-        for event in acc.Scalars(tag):
-            table.setdefault(int(event.step), {})[tag] = float(event.value)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["epoch", *tags])
-    for epoch in sorted(table):
-        writer.writerow([epoch, *(repr(table[epoch][t]) if t in table[epoch] else "" for t in tags)])
-    write_text_atomic(csv_path, buf.getvalue())
-    return len(table)
 
 
 def read_curves(csv_path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -179,7 +179,7 @@ def to_uint8(
     arr: np.ndarray, path: str | os.PathLike, bits: int | None = None, value_range: tuple[float, float] | None = None
 ) -> np.ndarray:
     """THE rule for turning stored pixel values into 8-bit ones, used by every reader (whole tiles through
-    :func:`read_image`, regions of large TIFFs and slides through :class:`bundle.slide.WSISource`):
+    :func:`read_image`, regions of large TIFFs and slides through :class:`bundle.inference.slide.WSISource`):
 
     - uint8 as stored; bool -> 0/255;
     - unsigned integers of ``depth`` bits (``bits`` when the file declares fewer than its container holds, e.g.
@@ -229,7 +229,7 @@ def to_rgb(arr: np.ndarray, path: str | os.PathLike, bits: int | None = None,
            value_range: tuple[float, float] | None = None) -> np.ndarray:
     """(H, W[, C]) stored pixels -> (H, W, 3) uint8 RGB: :func:`to_uint8`, then gray replicated, an all-opaque
     alpha dropped, a partly transparent one composited on WHITE (what a slide viewer shows). The channel rules
-    of :func:`read_image`, shared with the region readers of :mod:`bundle.slide`."""
+    of :func:`read_image`, shared with the region readers of :mod:`bundle.inference.slide`."""
     arr = to_uint8(arr, path, bits, value_range)
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -384,7 +384,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the writer's pid in the name: a later run deletes the temp files of writers that died (kill -9) and only those
-    # (bundle.outputs.clean_stale_temp)
+    # (bundle.inference.files.clean_stale_temp)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + "".join(path.suffixes[-2:]),
                                dir=path.parent)
     os.close(fd)

@@ -1,7 +1,7 @@
 """Watershed parameters tuned on validation tiles only.
 
 The items are what inference sees: a trained network's region and boundary maps at model scale (the chunk engine,
-:func:`bundle.tiling.predict_chunks`) on tiles it was neither trained nor tested on, next to the true instance
+:func:`bundle.inference.chunks.predict_chunks`) on tiles it was neither trained nor tested on, next to the true instance
 maps at native size; nuclei are scored at native size after the model-scale watershed (``post_scale="model"``,
 :func:`bundle.instances.score_watershed`). The search is two grids in turn, thresholds then sizes, each the full
 product (:func:`bundle.instances.tune_watershed`), so 58 settings rather than the ~700 of one joint grid.
@@ -17,7 +17,9 @@ import numpy as np
 from bundle.inference import scale_factor
 from bundle.instances import ValItem, WatershedParams, score_watershed, tune_watershed
 from bundle.io import read_image, read_label
-from bundle.tiling import ArraySource, image_statistics, maps_to_native, model_size, predict_chunks
+from bundle.inference.sources import ArraySource
+from bundle.inference.colour import image_statistics
+from bundle.inference.chunks import maps_to_native, model_size, predict_chunks
 
 __all__ = ["THRESHOLD_GRID", "SIZE_GRID", "model_scale_maps", "validation_items", "native_items", "scaled_grid",
            "tune_in_stages"]

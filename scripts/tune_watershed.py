@@ -23,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
-from bundle.inference import DEFAULT_PIXEL_SIZE, load_inference_settings  # noqa: E402
+from bundle.inference import DEFAULT_PIXEL_SIZE  # noqa: E402
+from bundle.inference.engine import load_segmenter  # noqa: E402
 from bundle.io import load_weights, write_text_atomic  # noqa: E402
-from bundle.tiling import SlidingWindowPredictor  # noqa: E402
+from bundle.inference.chunks import SlidingWindowPredictor  # noqa: E402
 from bundle.transfer import transfer_datalist  # noqa: E402
 from bundle.instances import WatershedParams  # noqa: E402
 from bundle.tuning import SIZE_GRID, THRESHOLD_GRID, native_items, scaled_grid, tune_in_stages, validation_items  # noqa: E402
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON with every setting tried and the best one")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = load_inference_settings(args.config_file)
+    segmenter = load_segmenter(args.config_file, ckpt_path=None, device="cpu")
     split_file = args.split_file or ROOT / "configs" / "splits" / f"{Path(args.dataset_dir).resolve().name}_5fold_seed42.json"
     items, rows_used = [], []
     started = time.time()
@@ -58,18 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         if not ckpt.is_file():
             logging.warning(f"row {row}: no {ckpt} (not trained yet), left out")
             continue
-        load_weights(settings["network"], ckpt, "cpu")
-        predictor = SlidingWindowPredictor(settings["network"], settings["roi"], settings["sw_batch_size"],
-                                           settings["overlap"], torch.device("cpu"))
+        load_weights(segmenter.network, ckpt, "cpu")
+        predictor = SlidingWindowPredictor(segmenter.network, device="cpu", inferer=segmenter.inferer)
         val = transfer_datalist(args.dataset_dir, row, "val", split_file)
-        items += validation_items(predictor, val, settings["reference"], args.pixel_size, settings["model_pixel_size"])
+        items += validation_items(predictor, val, segmenter.reference, args.pixel_size, segmenter.model_pixel_size)
         rows_used.append({"row": row, "checkpoint": str(ckpt), "val_ids": [d["id"] for d in val]})
         logging.info(f"row {row}: {len(val)} validation tiles")
     if not items:
         p.error(f"no trained row found under {args.runs_dir}; run scripts/experiments.py transfer first")
-    base, grids = settings["watershed"], (THRESHOLD_GRID, SIZE_GRID)
+    base, grids = segmenter.watershed, (THRESHOLD_GRID, SIZE_GRID)
     if args.post_scale == "native":
-        f = settings["model_pixel_size"] / args.pixel_size  # native pixels per model pixel
+        f = segmenter.model_pixel_size / args.pixel_size  # native pixels per model pixel
         items = native_items(items)
         base = WatershedParams.from_dict({**base.to_dict(), **{k: v[0] for k, v in scaled_grid(
             {k: [base.to_dict()[k]] for k in SIZE_GRID}, f).items()}})

@@ -12,10 +12,13 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.handlers import MeanDice
 
-from bundle.inference import ToModelScaled, scale_factor, tile_datalist, tile_id
+from bundle.inference import ToModelScaled, scale_factor
+
+
 from bundle.metrics import HausdorffHandler, PixelPrecisionHandler, PixelRecallHandler
 from bundle.postprocessing import BinarizeChannel, BinarizeChanneld
-from bundle.writers import MetricsTableWriter, probability_to_uint8
+from bundle.inference.writers import probability_to_uint8
+from bundle.writers import MetricsTableWriter
 
 
 def test_binarize_channel_selects_and_thresholds():
@@ -40,27 +43,6 @@ def test_scale_contract_and_exact_inverse():
     assert out["image"].shape[-2:] == (300, 166)  # round(601 * 0.5), round(333 * 0.5)
     back = t.inverse(out)
     assert back["image"].shape[-2:] == (601, 333)
-
-
-def test_tile_datalist_skips_done_tiles(tmp_path):
-    from PIL import Image
-
-    for name in ("a.png", "b.tif", "c.jpg", "notes.txt"):
-        if name.endswith("txt"):
-            (tmp_path / name).write_text("x")
-        else:
-            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name)
-    out = tmp_path / "out"
-    out.mkdir()
-    assert [tile_id(d["image"]) for d in tile_datalist(tmp_path, out)] == ["a", "b", "c"]
-    (out / "b_mask.png").write_bytes(b"done")
-    assert [tile_id(d["image"]) for d in tile_datalist(tmp_path, out)] == ["a", "c"]
-    assert len(tile_datalist(tmp_path, out, skip_existing=False)) == 3
-    from bundle.io import DataError
-
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no tiles"):
-        tile_datalist(tmp_path / "empty")
 
 
 def test_probability_to_uint8_rounds_and_clips():

@@ -18,7 +18,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from bundle.io import DataError, read_image
+from bundle.io import DataError, load_weights, read_image
 from bundle.network import DSHFN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,10 +76,10 @@ def test_inference_config_folder_mode_reports_bad_tiles_and_resumes(ckpt, tnbc_d
     Image.open(sorted((monuseg_dir / "images").glob("*.png"))[0]).crop((0, 0, 500, 300)).save(tiles / "b.tif")
     truncated_copy(tiles / "a.png", tiles / "c.png")
     out = tmp_path / "out"
-    args = ["--input_dir", tiles, "--output_dir", out, "--ckpt_path", ckpt, "--num_workers", "2"]
+    args = ["--input_dir", tiles, "--output_dir", out, "--ckpt_path", ckpt]
     bundle_run(*args)
-    summary = json.loads((out / "inference_summary.json").read_text())
-    assert summary["tiles_done"] == 2 and summary["tiles_failed"] == 1 and summary["tiles_skipped"] == 0
+    summary = json.loads((out / "segment_summary.json").read_text())
+    assert summary["images_done"] == 2 and summary["images_failed"] == 1 and summary["images_skipped"] == 0
     assert summary["failed"][0]["tile"].endswith("c.png") and "c.png" in summary["failed"][0]["error"]
     nuclei = check_nucleus_outputs(out, "a", (512, 512)) + check_nucleus_outputs(out, "b", (300, 500))
     assert summary["nuclei"] == nuclei > 0
@@ -87,9 +87,9 @@ def test_inference_config_folder_mode_reports_bad_tiles_and_resumes(ckpt, tnbc_d
     # resume: finished tiles are skipped and untouched, the bad one is tried (and reported) again
     before = (out / "a.geojson").stat().st_mtime_ns
     log = bundle_run(*args)
-    summary = json.loads((out / "inference_summary.json").read_text())
-    assert (summary["tiles_done"], summary["tiles_skipped"], summary["tiles_failed"]) == (0, 2, 1)
-    assert "2 of 3 tiles already have outputs" in log and "c.png: skipped" in log
+    summary = json.loads((out / "segment_summary.json").read_text())
+    assert (summary["images_done"], summary["images_skipped"], summary["images_failed"]) == (0, 2, 1)
+    assert "2 of 3 images already have their outputs" in log and "c.png: skipped" in log
     assert (out / "a.geojson").stat().st_mtime_ns == before
 
 
@@ -100,25 +100,32 @@ def test_inference_config_under_torchrun_processes_every_tile_once(ckpt, tnbc_di
     for i, src in enumerate(sources):
         Image.open(src).crop((0, 0, 128, 128)).save(tiles / f"t{i}.png")
     out = tmp_path / "out"
-    bundle_run("--input_dir", tiles, "--output_dir", out, "--ckpt_path", ckpt, "--num_workers", "0",
-               "--formats", "['csv']", torchrun=True)
-    summary = json.loads((out / "inference_summary.json").read_text())
+    bundle_run("--input_dir", tiles, "--output_dir", out, "--ckpt_path", ckpt, "--formats", "['csv','mask']",
+               torchrun=True)
+    summary = json.loads((out / "segment_summary.json").read_text())
     assert summary["done"] == [f"t{i}" for i in range(5)]  # all, each once (the list would repeat a duplicate)
-    assert summary["done_per_rank"] == [3, 2] and summary["tiles_done"] == 5
+    assert summary["done_per_rank"] == [3, 2] and summary["images_done"] == 5
     assert all((out / f"t{i}_mask.png").is_file() and (out / f"t{i}_nuclei.csv").is_file() for i in range(5))
 
 
-def test_segment_cli_loads_checkpoints_and_rejects_a_mismatch(ckpt, tmp_path):
+def test_segment_cli_loads_checkpoints_and_rejects_a_mismatch(ckpt, tnbc_dir, tmp_path, caplog):
     cli = _segment_module()
+    tile = tmp_path / "t.png"
+    Image.open(tnbc_dir / "images" / "01_1.png").crop((0, 0, 96, 96)).save(tile)
+    # the default network (features 16) and the tiny checkpoint: one line, exit 2, nothing written for the tile
+    with caplog.at_level("ERROR", logger="segment"):
+        assert cli.main(["--input", str(tile), "--output_dir", str(tmp_path / "out"), "--ckpt", str(ckpt),
+                         "--device", "cpu", "--no_progress"]) == 2
+    assert "does not fit the network" in caplog.text and not list((tmp_path / "out").glob("t_*"))
     net = DSHFN(features=4, levels=2, **RECIPE)
-    cli.load_weights(net, str(ckpt), torch.device("cpu"))
+    load_weights(net, str(ckpt), torch.device("cpu"))
     torch.testing.assert_close(net.state_dict(), torch.load(ckpt))
     torch.save({"model": DSHFN(features=4, levels=2, **RECIPE).state_dict()}, tmp_path / "wrapped.pt")
-    cli.load_weights(net, str(tmp_path / "wrapped.pt"), torch.device("cpu"))  # a {"model": ...} checkpoint
+    load_weights(net, str(tmp_path / "wrapped.pt"), torch.device("cpu"))  # a {"model": ...} checkpoint
     with pytest.raises(DataError, match="does not fit the network"):
-        cli.load_weights(DSHFN(features=8, levels=2, **RECIPE), str(ckpt), torch.device("cpu"))
+        load_weights(DSHFN(features=8, levels=2, **RECIPE), str(ckpt), torch.device("cpu"))
     with pytest.raises(DataError, match="not found"):
-        cli.load_weights(net, str(tmp_path / "missing.pt"), torch.device("cpu"))
+        load_weights(net, str(tmp_path / "missing.pt"), torch.device("cpu"))
 
 
 def _segment_module():

@@ -97,7 +97,6 @@ def test_small_objects_holes_and_unmarked_components():
 
 
 def test_eval_output_channels_are_read_by_contract():
-    import torch
 
     gt = two_touching_disks()
     region, boundary = oracle_maps(gt)
@@ -207,10 +206,9 @@ def test_params_round_trip_and_bad_input():
 
 @pytest.mark.parametrize("n_in,n_out", [(500, 1000), (256, 512), (300, 1000), (517, 131), (7, 7)])
 def test_upsample_labels_equals_torch_nearest_exact(n_in, n_out):
-    import torch
     import torch.nn.functional as F
 
-    from bundle.instances import nearest_index, upsample_labels
+    from bundle.instances import nearest_index
 
     labels = np.random.default_rng(0).integers(0, 50, (n_in, n_in + 3)).astype(np.int32)
     shape = (n_out, n_out + 5)
@@ -238,23 +236,3 @@ def test_flood_skips_single_marker_components_with_the_same_result(monuseg_gt):
         np.testing.assert_array_equal(_flood(elevation, markers, ndimage.label(mask)[0]), ref)
 
 
-def test_tile_writer_model_scale_crops_the_padding_and_resizes(tmp_path):
-    # a 100 x 90 tile at 0.25 um/px is 50 x 45 at model scale, padded by SpatialPadd ("symmetric") to 64 x 64
-    from bundle.writers import TileWriter
-
-    gt = np.zeros((50, 45), np.int32)
-    gt[disk((20, 15), 8, shape=gt.shape)] = 1
-    gt[disk((30, 32), 7, shape=gt.shape)] = 2
-    region, boundary = oracle_maps(gt)
-    maps = np.stack([region, boundary, region]).astype(np.float32)
-    padded = np.pad(maps, ((0, 0), (7, 7), (9, 10)), mode="symmetric")  # before = (64 - n) // 2, as MONAI pads
-    writer = TileWriter(str(tmp_path), formats=("png",), post_scale="model", pixel_size=0.25, model_pixel_size=0.5)
-    native = np.zeros((3, 100, 90), np.float32)  # only its size is used at model scale
-    got = writer.instances(native, torch.as_tensor(padded))
-    expected = upsample_labels(instances_from_maps(region, boundary, writer.watershed), (100, 90))
-    np.testing.assert_array_equal(got, expected)
-    assert got.max() == 2
-    with pytest.raises(ValueError, match="pred_model"):
-        writer.instances(native, None)
-    with pytest.raises(ValueError, match="smaller"):
-        writer.instances(native, torch.as_tensor(padded[:, :40]))

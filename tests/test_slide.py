@@ -1,4 +1,4 @@
-"""Slides through MONAI's WSI reader (bundle/slide.py): region reads equal MONAI's tifffile reader, pyramid levels,
+"""Slides through MONAI's WSI reader (bundle/inference/slide.py): region reads equal MONAI's tifffile reader, pyramid levels,
 and slide mode on a pyramidal TIFF built from MoNuSeg tiles: one GeoJSON in level-0 pixels, nuclei de-duplicated."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import torch
 from monai.data import WSIReader
 
 from bundle.io import DataError, read_image
-from bundle.slide import RegionTiffWSIReader, WSISource, is_slide, open_source, read_tiff_region, segment_slide
-from bundle.tiling import ArraySource, SlidingWindowPredictor
+from bundle.inference.slide import RegionTiffWSIReader, WSISource, is_slide, open_source, read_tiff_region, segment_slide
+from bundle.inference.sources import ArraySource
+from bundle.inference.chunks import SlidingWindowPredictor
 
 REF = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
 UM_PER_CM = 1e4

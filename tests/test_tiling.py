@@ -1,4 +1,4 @@
-"""The chunked engine (bundle/tiling.py): colour maths vs scikit-image, resampling vs PyTorch/MONAI, chunk
+"""The chunked engine (bundle/inference/): colour maths vs scikit-image, resampling vs PyTorch/MONAI, chunk
 geometry, stitched maps vs a whole-image pass, nuclei on chunk borders, outputs, bounded memory, folder mode."""
 
 from __future__ import annotations
@@ -21,27 +21,12 @@ from bundle.inference import ToModelScaled
 from bundle.instances import WatershedParams
 from bundle.io import DataError, read_image
 from bundle.network import DSHFN
-from bundle.tiling import (
-    ArraySource,
-    GuardedDataset,
-    GuardedIteration,
-    NucleusStream,
-    SlidingWindowPredictor,
-    TileOutputs,
-    _blur_radius,
-    chunk_grid,
-    image_statistics,
-    lab_to_rgb,
-    model_size,
-    predict_chunks,
-    reinhard_gray,
-    resample_matrix,
-    rgb_to_lab,
-    segment_image,
-    shard,
-    to_model_scale,
-)
-from bundle.transforms import Grayscale, LoadTiled, ReinhardNormalize
+from bundle.inference.sources import ArraySource
+from bundle.inference.writers import NucleusStream, TileOutputs
+from bundle.inference.chunks import SlidingWindowPredictor, _blur_radius, chunk_grid, model_size, predict_chunks, resample_matrix, to_model_scale
+from bundle.inference.colour import image_statistics, lab_to_rgb, reinhard_gray, rgb_to_lab
+from bundle.inference.pipeline import segment_image
+from bundle.transforms import Grayscale, ReinhardNormalize
 
 REF = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
 BACKGROUND, NUCLEUS = (225, 190, 215), (90, 40, 130)
@@ -160,7 +145,7 @@ def test_colour_input_chunks_equal_the_training_chain_on_the_whole_image(monuseg
     """RGB / hematoxylin input: Reinhard (or none), resize of the RGB to model scale, then the input conversion,
     as the training chain orders them; the chunks equal one whole-image pass."""
     from bundle.channels import ModelInput
-    from bundle.tiling import reinhard_rgb
+    from bundle.inference.colour import reinhard_rgb
 
     rgb = read_image(sorted((monuseg_dir / "images").glob("*.png"))[0])[:300, :260]
     torch.manual_seed(0)
@@ -330,40 +315,6 @@ def test_memory_is_bounded_by_the_chunk_not_the_image():
     assert peaks[512] < 1.3 * peaks[256], peaks
 
 
-# --------------------------------------------------------------------------------------------- folder mode
-def test_guarded_dataset_turns_bad_tiles_into_markers(tnbc_dir, tmp_path):
-    good = tmp_path / "good.png"
-    Image.open(tnbc_dir / "images" / "01_1.png").save(good)
-    data = good.read_bytes()
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(data[: len(data) // 2])  # truncated: the header is fine, decoding fails
-    ds = GuardedDataset([{"image": str(good)}, {"image": str(bad)}, {"image": str(tmp_path / "missing.png")}],
-                        transform=LoadTiled("image", "image"))
-    assert ds[0]["image"].shape == (3, 512, 512)
-    for i in (1, 2):
-        assert ds[i]["image"].endswith((".png")) and "error" in ds[i]
-    assert "truncated" in ds[1]["error"] or "decoded" in ds[1]["error"]
-
-    def buggy(_):
-        raise TypeError("a bug, not a bad tile")
-
-    with pytest.raises(Exception) as info:  # MONAI wraps it in a RuntimeError; it is not swallowed
-        GuardedDataset([{"image": str(good)}], transform=buggy)[0]
-    assert "a bug" in repr(info.value) + repr(info.value.__cause__)
-    marker = {"image": [str(bad)], "error": ["bad tile"]}
-    assert GuardedIteration()(None, marker) == [{"image": str(bad), "error": "bad tile"}]
-
-
-@pytest.mark.parametrize("n,world", [(7, 2), (5, 3), (1, 2), (0, 2)])
-def test_shard_gives_every_item_to_exactly_one_rank(n, world):
-    items = list(range(n))
-    parts = [shard(items, r, world) for r in range(world)]
-    assert sorted(i for p in parts for i in p) == items
-    assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    with pytest.raises(ValueError):
-        shard(items, world, world)
-
-
 def test_bad_region_raises_data_error():
     class Short(ArraySource):
         def read(self, y0, y1, x0, x1):
@@ -399,10 +350,10 @@ def test_glass_chunks_skip_the_network_and_statistics_ignore_glass():
 def test_large_tiles_get_tiled_tiff_label_map_and_overlay(monkeypatch, tmp_path):
     import tifffile
 
-    from bundle import tiling
+    from bundle.inference import writers
     from bundle.exports import instance_overlay
 
-    monkeypatch.setattr(tiling, "PNG_MAX_PIXELS", 100 * 100)
+    monkeypatch.setattr(writers, "PNG_MAX_PIXELS", 100 * 100)
     centres = [(y, x) for y in range(15, 300, 40) for x in range(15, 330, 40)]
     rgb, truth = disks_image((300, 330), centres, 8)
     out = TileOutputs(tmp_path, "big", truth.shape, formats=("png", "overlay", "geojson"))

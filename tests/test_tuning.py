@@ -10,7 +10,7 @@ from skimage.segmentation import find_boundaries
 
 from bundle.instance_metrics import aji
 from bundle.instances import WatershedParams, instances_from_maps, score_watershed, upsample_labels
-from bundle.tiling import SlidingWindowPredictor
+from bundle.inference.chunks import SlidingWindowPredictor
 from bundle.tuning import model_scale_maps, tune_in_stages
 
 REF = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}

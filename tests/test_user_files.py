@@ -25,8 +25,9 @@ import torch
 from PIL import Image
 
 from bundle.io import DataError, load_weights, read_image, read_label_and_kind
-from bundle.outputs import clean_stale_temp, find_tiles, tile_datalist
-from bundle.slide import WSISource, open_source
+from bundle.inference.files import clean_stale_temp, find_tiles
+from bundle.inference.files import tiles_for_run
+from bundle.inference.slide import WSISource, open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -57,7 +58,8 @@ def stub(tmp_path_factory) -> dict[str, Path]:
 def bundle_run(stub, *overrides, ok=True) -> subprocess.CompletedProcess:
     config = f"['{ROOT / 'configs' / 'inference.json'}','{stub['config']}']"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", config,
-           "--ckpt_path", str(stub["ckpt"]), "--num_workers", "0", *[str(o) for o in overrides]]
+           "--ckpt_path", str(stub["ckpt"]), "--chunk", "128", "--halo", "24", "--progress", "False",
+           *[str(o) for o in overrides]]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     if ok:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -140,8 +142,8 @@ def test_both_front_ends_find_the_same_nuclei_in_16bit_and_float_tiffs(stub, tmp
     assert segment(stub, tiles, tmp_path / "seg") == 1
     # configs/inference.json
     bundle_run(stub, "--input_dir", tiles, "--output_dir", tmp_path / "inf")
-    for folder, summary_name in (("seg", "segment_summary.json"), ("inf", "inference_summary.json")):
-        summary = json.loads((tmp_path / folder / summary_name).read_text())
+    for folder in ("seg", "inf"):
+        summary = json.loads((tmp_path / folder / "segment_summary.json").read_text())
         assert summary["done"] == sorted(paths) and "stack" in summary["failed"][0]["error"]
         ref = labels(tmp_path / folder / "png8_instances.png")
         assert ref.max() >= 20
@@ -157,8 +159,8 @@ def test_ordinary_file_names_work_in_the_config(stub, tmp_path):
     for i, n in enumerate(names):
         Image.fromarray(tissue((128, 128), seed=i)).save(tiles / f"{n}.png")
     bundle_run(stub, "--input_dir", tiles, "--output_dir", tmp_path / "out")
-    summary = json.loads((tmp_path / "out" / "inference_summary.json").read_text())
-    assert summary["tiles_failed"] == 0 and summary["done"] == sorted(names)
+    summary = json.loads((tmp_path / "out" / "segment_summary.json").read_text())
+    assert summary["images_failed"] == 0 and summary["done"] == sorted(names)
     for n in names:
         assert (tmp_path / "out" / f"{n}.geojson").is_file() and (tmp_path / "out" / f"{n}_instances.png").is_file()
 
@@ -175,7 +177,7 @@ def test_same_id_twice_and_output_folder_equal_to_input_are_refused(stub, tmp_pa
     assert proc.returncode != 0 and "a.jpg" in proc.stderr and "a.png" in proc.stderr and "Traceback" not in proc.stderr
     (tiles / "a.jpg").unlink()
     with pytest.raises(DataError, match="output folder is the input folder"):
-        tile_datalist(tiles, tiles)
+        tiles_for_run(tiles, tiles)
     assert segment(stub, tiles, tiles) == 2 and sorted(p.name for p in tiles.iterdir()) == ["a.png"]
 
 
@@ -193,12 +195,13 @@ def test_rerun_with_more_formats_writes_them_and_keeps_the_nuclei_count(stub, tm
     assert segment(stub, tiles, out, "--formats", "csv") == 0  # all there: skipped, the count kept
     third = json.loads((out / "segment_summary.json").read_text())
     assert (third["images_done"], third["images_skipped"], third["nuclei"]) == (0, 1, first["nuclei"])
-    # the config's resume rule: _mask.png and an output of every format asked
-    (tmp_path / "inf").mkdir()
-    (tmp_path / "inf" / "t_mask.png").write_bytes(b"x")
-    (tmp_path / "inf" / "t_instances.png").write_bytes(b"x")
-    assert tile_datalist(tiles, tmp_path / "inf", formats=["png"]) == []
-    assert len(tile_datalist(tiles, tmp_path / "inf", formats=["png", "geojson"])) == 1
+    # the config front end follows the same resume rule: its marker and an output of every format asked
+    inf = tmp_path / "inf"
+    bundle_run(stub, "--input_dir", tiles, "--output_dir", inf, "--formats", "['png']")
+    assert not (inf / "t.geojson").exists()
+    bundle_run(stub, "--input_dir", tiles, "--output_dir", inf, "--formats", "['png','geojson']")
+    summary = json.loads((inf / "segment_summary.json").read_text())
+    assert (inf / "t.geojson").is_file() and summary["images_done"] == 1 and summary["nuclei"] == first["nuclei"]
 
 
 def test_temp_files_of_a_killed_run_are_removed_on_the_next(tmp_path):
@@ -276,7 +279,7 @@ def test_config_bad_input_is_one_line_and_nonzero(stub, tmp_path):
          "corrupt.pt: is not a readable PyTorch weights file"),
         (["--input_dir", tiles, "--output_dir", tmp_path / "o3", "--ckpt_path", tmp_path / "dshfn.pt"],
          "dshfn.pt: does not fit the network"),
-        (["--input_dir", bad, "--output_dir", tmp_path / "o4"], "every tile failed"),
+        (["--input_dir", bad, "--output_dir", tmp_path / "o4"], "every image failed"),
     ]
     for args, message in cases:
         proc = bundle_run(stub, *args, ok=False)

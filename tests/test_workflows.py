@@ -133,8 +133,8 @@ def test_inference_folder_any_size_and_resume(trained, tnbc_dir, monuseg_dir, tm
     Image.open(mono).crop((0, 0, 500, 300)).save(tiles / "b.tif")  # odd size, TIFF
     outdir = tmp_path / "pred"
     args = ["--input_dir", str(tiles), "--output_dir", str(outdir), "--ckpt_path",
-            str(trained["out"] / "models" / "model.pt"), "--num_workers", "0"]
-    run(bundle_cmd("inference", ["inference.json"], *args, "--nifti", "true"))
+            str(trained["out"] / "models" / "model.pt"), "--progress", "False"]
+    run(bundle_cmd("inference", ["inference.json"], *args, "--formats", "['png','mask','prob','nifti']"))
     for stem, (w, h) in (("a", (512, 512)), ("b", (500, 300))):
         for kind in ("mask", "region", "boundary"):
             im = Image.open(outdir / f"{stem}_{kind}.png")
@@ -143,8 +143,8 @@ def test_inference_folder_any_size_and_resume(trained, tnbc_dir, monuseg_dir, tm
         assert (outdir / f"{stem}_pred.nii.gz").is_file()
     # a second run skips finished tiles and leaves their files untouched
     before = (outdir / "a_mask.png").stat().st_mtime_ns
-    log = run(bundle_cmd("inference", ["inference.json"], *args))
-    assert "2 of 2 tiles already have outputs" in log
+    log = run(bundle_cmd("inference", ["inference.json"], *args, "--formats", "['png','mask']"))
+    assert "2 of 2 images already have their outputs" in log
     assert (outdir / "a_mask.png").stat().st_mtime_ns == before
 
 

@@ -27,10 +27,10 @@ HOVERNET_OUT = 164  # MONAI HoVerNet(mode="fast"): valid convolutions crop a 256
 
 
 def _inference_network(config_files: list[str]) -> tuple[torch.nn.Module, int, float]:
-    from bundle.inference import load_inference_settings
+    from bundle.inference.engine import load_segmenter
 
-    s = load_inference_settings(config_files)
-    return s["network"], int(s["network"].in_channels if hasattr(s["network"], "in_channels") else 1), float(s["model_pixel_size"])
+    s = load_segmenter(config_files, ckpt_path=None)
+    return s.network, int(getattr(s.network, "in_channels", 1)), s.model_pixel_size
 
 
 def run(args: Any) -> list[dict]:

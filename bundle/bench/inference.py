@@ -5,18 +5,18 @@
     python -m bundle.bench.inference --memory 4000 8000       # peak RSS of scripts/segment.py on big tiles
     python -m bundle.bench.inference --network                # DS-HFN's share: one chunk's sliding window
 
-Stages (the functions the chunked engine, :mod:`bundle.tiling`, runs; each the best of ``--repeat`` runs,
+Stages (the functions the chunked engine, :mod:`bundle.inference`, runs; each the best of ``--repeat`` runs,
 since on a shared machine other processes only ever add time):
 
 * ``read``: :func:`bundle.io.read_image` of the PNG tile;
-* ``normalisation``: whole-image statistics + Reinhard + BT.601 grayscale (:func:`bundle.tiling.reinhard_gray`,
+* ``normalisation``: whole-image statistics + Reinhard + BT.601 grayscale (:func:`bundle.inference.colour.reinhard_gray`,
   float32 L*a*b*) + anti-aliased bicubic resize to model scale + standardisation; the row
   ``normalisation (skimage)`` is the same with the per-tile config's ``bundle.transforms`` (skimage L*a*b*) +
   ``ToModelScaled``, for comparison;
 * ``network``: DS-HFN (config width, random weights: the cost does not depend on them) through MONAI's
   ``SlidingWindowInferer`` (256 px windows, overlap 0.25, batch 8), at model scale (1000 px at 0.25 um/px ->
   500 px);
-* ``post-processing``: the engine's :func:`bundle.tiling.segment_blocks` (maps back to the tile's size, bilinear;
+* ``post-processing``: the engine's :func:`bundle.inference.blocks.segment_blocks` (maps back to the tile's size, bilinear;
   marker watershed :func:`bundle.instances.instances_from_maps` on the model-scale maps, labels resized to the
   tile, or on the native maps with ``--post_scale native``), then the nucleus table, GeoJSON polygons and
   overlay in memory;
@@ -83,11 +83,11 @@ def _synthetic_tile(path: Path, size: int = 1000) -> tuple[Path, np.ndarray]:
 
 def _config_watershed(post_scale: str, factor: float):
     """``configs/inference.json``'s watershed parameters, scaled to native-size maps for ``post_scale="native"``."""
-    from bundle.inference import load_inference_settings
+    from bundle.inference.engine import load_segmenter
     from bundle.instances import WatershedParams
     from bundle.tuning import scaled_grid
 
-    params = load_inference_settings(str(ROOT / "configs" / "inference.json"))["watershed"]
+    params = load_segmenter(str(ROOT / "configs" / "inference.json"), ckpt_path=None).watershed
     if post_scale == "native":
         values = params.to_dict()
         scaled = scaled_grid({k: (values[k],) for k in ("min_size", "min_marker_size", "smooth_sigma", "marker_radius",
@@ -99,14 +99,14 @@ def _config_watershed(post_scale: str, factor: float):
 def run(args: Any) -> list[dict]:
     from skimage.segmentation import find_boundaries
 
-    from bundle.exports import _table_csv, instance_overlay, instances_geojson, nucleus_table, write_instance_map
+    from bundle.exports import table_csv, instance_overlay, instances_geojson, nucleus_table, write_instance_map
     from bundle.inference import ToModelScaled
     from bundle.io import read_image, read_label, write_png_atomic, write_text_atomic
     from bundle.network import DSHFN
-    from bundle.tiling import (
-        ArraySource, ChunkMaps, SlidingWindowPredictor, chunk_grid, image_statistics, model_size, reinhard_gray,
-        segment_blocks, to_model_scale,
-    )
+    from bundle.inference.sources import ArraySource
+    from bundle.inference.chunks import ChunkMaps, SlidingWindowPredictor, chunk_grid, model_size, to_model_scale
+    from bundle.inference.colour import image_statistics, reinhard_gray
+    from bundle.inference.blocks import segment_blocks
     from bundle.transforms import Grayscale, ReinhardNormalize
 
     device = torch.device(getattr(args, "device", "cpu"))
@@ -169,7 +169,7 @@ def run(args: Any) -> list[dict]:
     def write() -> None:
         write_instance_map(tmp / "t_instances.png", out["inst"])
         write_text_atomic(tmp / "t.geojson", json.dumps(out["geo"], separators=(",", ":")))
-        write_text_atomic(tmp / "t_nuclei.csv", _table_csv(dict(out["table"])))
+        write_text_atomic(tmp / "t_nuclei.csv", table_csv(dict(out["table"])))
         write_png_atomic(tmp / "t_overlay.png", out["overlay"])
 
     timed("writing", write)

@@ -1,23 +1,21 @@
-"""Inference on tiles of any size: which tiles to run, and bringing them to the scale the network was trained at.
+"""The scale the network works at: pixel-size checks and the resize of a tile to the model scale.
 
 The network works at a fixed pixel size, the config's ``model_pixel_size`` (0.25 um/px for the shipped weights;
 :data:`MODEL_PIXEL_SIZE`, 0.5, is only the functions' default). A tile of pixel size ``p`` is resized by
-``p / model_pixel_size`` before the sliding-window network pass, and the prediction is resized back (MONAI
-``Invertd``) to the tile's own size.
+``p / model_pixel_size`` before the network pass (:class:`ToModelScaled`, the transform of the training chain; the
+inference engine computes the same resize chunk by chunk, :mod:`bundle.inference.chunks`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from monai.config import KeysCollection
 from monai.transforms import Resized
 
-from bundle.io import IMAGE_SUFFIXES, DataError
+from bundle.io import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -88,74 +86,3 @@ class ToModelScaled(Resized):
         # per call: each DataLoader worker owns its copy of the transform, so this is not shared state
         self.resizer.spatial_size = (max(1, round(h * factor)), max(1, round(w * factor)))
         return super().__call__(d, lazy=lazy)
-
-
-def find_tiles(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Tiles to process: a folder (its PNG/JPEG/TIFF files, sorted), one file, or a list of files."""
-    if isinstance(inputs, (str, os.PathLike)):
-        path = Path(inputs)
-        if path.is_dir():
-            tiles = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
-            if not tiles:
-                raise DataError(f"{path}: no tiles ({', '.join(IMAGE_SUFFIXES)}) in this folder. Point --input_dir at a folder of H&E tiles")
-            return tiles
-        inputs = [path]
-    tiles = [Path(p) for p in inputs]
-    missing = [str(p) for p in tiles if not p.is_file()]
-    if missing:
-        raise DataError(f"{missing[0]}: tile not found ({len(missing)} missing in all). Check the path")
-    return tiles
-
-
-def tile_id(path: str | os.PathLike) -> str:
-    """Output stem of a tile: its file name without the image suffix (``a.ome.tif`` -> ``a.ome``)."""
-    name = Path(path).name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
-def tile_datalist(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike],
-    output_dir: str | os.PathLike | None = None,
-    done_suffix: str = "_mask.png",
-    skip_existing: bool = True,
-) -> list[dict[str, str]]:
-    """``[{"image": path}, ...]`` for the tiles of ``inputs``, leaving out those already done (resume).
-
-    A tile counts as done when ``<output_dir>/<tile id><done_suffix>`` exists: outputs are written
-    atomically, so a present file is a complete one.
-    """
-    tiles = find_tiles(inputs)
-    todo = tiles
-    if skip_existing and output_dir is not None:
-        todo = [t for t in tiles if not (Path(output_dir) / f"{tile_id(t)}{done_suffix}").is_file()]
-        if len(todo) < len(tiles):
-            logger.info(f"{len(tiles) - len(todo)} of {len(tiles)} tiles already have outputs in {output_dir}: skipped")
-    return [{"image": str(t)} for t in todo]
-
-
-def load_inference_settings(config_files: str | Sequence[str]) -> dict[str, Any]:
-    """Network (instantiated, random weights) and inference settings from the bundle config(s), later files
-    overriding earlier: ``network``, ``reference`` (Reinhard; None when ``reinhard`` is off), ``input_mode``, ``watershed`` (:class:`bundle.instances.WatershedParams`),
-    ``roi``, ``overlap``, ``sw_batch_size``, ``model_pixel_size``, ``post_scale``."""
-    from monai.bundle import ConfigParser
-
-    from bundle.instances import WatershedParams
-
-    parser = ConfigParser()
-    parser.read_config([config_files] if isinstance(config_files, (str, os.PathLike)) else list(config_files))
-    get = lambda key, default=None: parser.get_parsed_content(key) if key in parser else default  # noqa: E731
-    patch = get("patch_size", [256, 256])
-    return {
-        "network": parser.get_parsed_content("network_def", instantiate=True),
-        "reference": get("reinhard_reference") if get("reinhard", True) else None,
-        "input_mode": str(get("input_mode", "gray")),
-        "watershed": WatershedParams.from_dict(get("watershed", {})),
-        "roi": int(patch[0]),
-        "overlap": float(get("overlap", 0.25)),
-        "sw_batch_size": int(get("sw_batch_size", 8)),
-        "model_pixel_size": float(get("model_pixel_size", MODEL_PIXEL_SIZE)),
-        "post_scale": str(get("post_scale", "model")),
-    }

@@ -28,10 +28,20 @@ from monai.data import WSIReader
 from monai.data.wsi_reader import TiffFileWSIReader
 from monai.utils import OptionalImportError
 
-from bundle.inference import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, tile_id
+from bundle.inference.files import tile_id
+from bundle.inference.pipeline import peak_rss_mib, segment_image
+from bundle.inference.sources import ArraySource, RegionSource
+from bundle.inference.writers import NucleusStream
+from bundle.inference.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE
 from bundle.instances import WatershedParams
-from bundle.io import TIFF_SUFFIXES, DataError, check_single_frame, read_image, to_rgb, write_text_atomic
-from bundle.tiling import ArraySource, NucleusStream, RegionSource, peak_rss_mib, segment_image
+from bundle.io import (
+    TIFF_SUFFIXES,
+    DataError,
+    check_single_frame,
+    read_image,
+    to_rgb,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +183,7 @@ def slide_backend(path: str | os.PathLike) -> str:
 
 
 class WSISource:
-    """One level of a slide (or a large TIFF tile) as a :class:`bundle.tiling.RegionSource`, read through a MONAI
+    """One level of a slide (or a large TIFF tile) as a :class:`bundle.inference.sources.RegionSource`, read through a MONAI
     WSI reader: :class:`RegionTiffWSIReader` for TIFF, ``WSIReader(backend="openslide")`` for vendor formats.
 
     ``downsample`` = level-0 pixels per pixel of this level; ``mpp`` = um/px of this level or None if unknown.
@@ -293,7 +303,7 @@ def is_slide(path: str | os.PathLike) -> bool:
 
 
 def open_source(path: str | os.PathLike, level: int = 0) -> RegionSource:
-    """A :class:`bundle.tiling.RegionSource` for ``path``: TIFF and slides region by region (:class:`WSISource`),
+    """A :class:`bundle.inference.sources.RegionSource` for ``path``: TIFF and slides region by region (:class:`WSISource`),
     PNG/JPEG (and TIFFs tifffile cannot decode without imagecodecs, e.g. LZW) decoded whole by
     :func:`bundle.io.read_image`."""
     path = str(path)
@@ -331,7 +341,7 @@ def segment_slide(
     **chunking: Any,
 ) -> dict[str, Any]:
     """Segment one level of a slide into ONE GeoJSON FeatureCollection (and CSV) in level-0 coordinates, nuclei
-    de-duplicated across chunk borders (:func:`bundle.tiling.segment_image`); writes ``<stem>_summary.json``.
+    de-duplicated across chunk borders (:func:`bundle.inference.pipeline.segment_image`); writes ``<stem>_summary.json``.
 
     ``pixel_size`` of level 0 in um/px: given, else the slide's own resolution tags, else
     :data:`bundle.inference.DEFAULT_PIXEL_SIZE`. ``chunking``: ``chunk``, ``halo``, ``roi``, ``post_chunk`` ...

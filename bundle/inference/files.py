@@ -1,4 +1,4 @@
-"""What a folder run reads and writes, shared by ``configs/inference.json`` and ``scripts/segment.py``: the tiles
+"""What an inference run reads and writes: the tiles
 to do (every tile id unique, the output folder not the input folder), which tiles are done for the formats asked
 (a rerun with more formats redoes the tiles that lack one), an output folder that can be written, and the temp
 files a killed run left behind.
@@ -14,34 +14,35 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bundle.inference import find_tiles as _find_tiles
-from bundle.inference import tile_id
 from bundle.io import IMAGE_SUFFIXES, DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["find_tiles", "tile_datalist", "output_files", "is_done", "ensure_output_dir", "clean_stale_temp"]
+__all__ = ["find_tiles", "tile_id", "output_files", "is_done", "ensure_output_dir", "clean_stale_temp"]
 
-#: output files of each nucleus format (any one of them present counts): label map and overlay are tiled TIFFs
-#: instead of PNGs for images above ``bundle.tiling.PNG_MAX_PIXELS``
+#: output files of each format (any one of them present counts): label map and overlay are tiled TIFFs instead
+#: of PNGs for images above :data:`bundle.inference.writers.PNG_MAX_PIXELS`
 _FORMAT_FILES = {
     "png": ("{}_instances.png", "{}_instances.tif"),
     "tiff": ("{}_instances.tif",),
     "geojson": ("{}.geojson",),
     "csv": ("{}_nuclei.csv",),
     "overlay": ("{}_overlay.png", "{}_overlay.tif"),
+    "mask": ("{}_mask.png",),
+    "prob": ("{}_region.png",),
+    "nifti": ("{}_pred.nii.gz",),
 }
 
 
 def find_tiles(inputs: str | os.PathLike | Sequence[str | os.PathLike], option: str = "--input_dir") -> list[Path]:
-    """:func:`bundle.inference.find_tiles`, refusing two tiles with the same id (``a.png`` and ``a.jpg`` would
+    """Tiles to process (a folder's PNG/JPEG/TIFF files sorted, one file, or a list of files), refusing two tiles with the same id (``a.png`` and ``a.jpg`` would
     write the same ``a_*`` outputs); ``option`` names the command-line option in the messages."""
     if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir():
         folder = Path(inputs)
         if not any(p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES) for p in folder.iterdir()):
             raise DataError(f"{folder}: no tiles ({', '.join(IMAGE_SUFFIXES)}) in this folder. "
                             f"Point {option} at a folder of H&E tiles")
-    tiles = _find_tiles(inputs)
+    tiles = _list_tiles(inputs)
     seen: dict[str, Path] = {}
     for t in tiles:
         key = tile_id(t).casefold()  # case-insensitive file systems would mix 'A' and 'a' too
@@ -50,6 +51,32 @@ def find_tiles(inputs: str | os.PathLike | Sequence[str | os.PathLike], option: 
                             "Rename one of them (or move it to another folder) and run again")
         seen[key] = t
     return tiles
+
+
+def _list_tiles(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Tiles to process: a folder (its PNG/JPEG/TIFF files, sorted), one file, or a list of files."""
+    if isinstance(inputs, (str, os.PathLike)):
+        path = Path(inputs)
+        if path.is_dir():
+            tiles = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+            if not tiles:
+                raise DataError(f"{path}: no tiles ({', '.join(IMAGE_SUFFIXES)}) in this folder. Point --input_dir at a folder of H&E tiles")
+            return tiles
+        inputs = [path]
+    tiles = [Path(p) for p in inputs]
+    missing = [str(p) for p in tiles if not p.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: tile not found ({len(missing)} missing in all). Check the path")
+    return tiles
+
+
+def tile_id(path: str | os.PathLike) -> str:
+    """Output stem of a tile: its file name without the image suffix (``a.ome.tif`` -> ``a.ome``)."""
+    name = Path(path).name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
 
 
 def output_files(out_dir: str | os.PathLike, stem: str, fmt: str) -> list[Path]:
@@ -72,32 +99,19 @@ def _same_folder(a: Path, b: Path) -> bool:
         return False
 
 
-def tile_datalist(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike],
-    output_dir: str | os.PathLike | None = None,
-    done_suffix: str = "_mask.png",
-    skip_existing: bool = True,
-    formats: Sequence[str] = (),
-    option: str = "--input_dir",
-) -> list[dict[str, str]]:
-    """``[{"image": path}, ...]`` for the tiles of ``inputs`` still to do: a tile is left out when
-    :func:`is_done` (its ``done_suffix`` marker and an output of each of ``formats``), so a rerun with more
-    formats redoes the tiles that lack one. Refuses an ``output_dir`` that is the input folder (a rerun would
-    segment the previous run's outputs) and clears the temp files a killed run left there."""
-    if output_dir is not None and isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir():
-        if _same_folder(Path(inputs), Path(output_dir)):
-            raise DataError(f"{output_dir}: the output folder is the input folder, so a rerun would segment the "
-                            "outputs of this one. Choose another --output_dir (e.g. a subfolder)")
+def tiles_for_run(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike, option: str = "--input_dir"
+) -> list[Path]:
+    """The tiles of ``inputs`` (:func:`find_tiles`), once the output folder is checked: refuses an ``output_dir``
+    that is the input folder (a rerun would segment the previous run's outputs), creates it and clears the temp
+    files a killed run left there."""
+    if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir() and _same_folder(Path(inputs), Path(output_dir)):
+        raise DataError(f"{output_dir}: the output folder is the input folder, so a rerun would segment the "
+                        "outputs of this one. Choose another --output_dir (e.g. a subfolder)")
     tiles = find_tiles(inputs, option)
-    if output_dir is not None:
-        ensure_output_dir(output_dir)
-        clean_stale_temp(output_dir)
-    todo = tiles
-    if skip_existing and output_dir is not None:
-        todo = [t for t in tiles if not is_done(output_dir, tile_id(t), done_suffix, formats)]
-        if len(todo) < len(tiles):
-            logger.info(f"{len(tiles) - len(todo)} of {len(tiles)} tiles already have outputs in {output_dir}: skipped")
-    return [{"image": str(t)} for t in todo]
+    ensure_output_dir(output_dir)
+    clean_stale_temp(output_dir)
+    return tiles
 
 
 def ensure_output_dir(path: str | os.PathLike, option: str = "--output_dir") -> Path:

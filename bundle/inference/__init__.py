@@ -1,0 +1,33 @@
+"""Inference: from the pixels of a tile, a folder of tiles, a large image or a slide to nucleus outputs.
+
+Modules, in the order imports point (each uses only those before it):
+
+- :mod:`~bundle.inference.scale`: pixel sizes and the resize to the model scale (also a training transform);
+- :mod:`~bundle.inference.colour`: L*a*b*, Reinhard, whole-image statistics;
+- :mod:`~bundle.inference.sources`: images read region by region;
+- :mod:`~bundle.inference.chunks`: chunk geometry, resampling, the sliding-window network pass;
+- :mod:`~bundle.inference.blocks`: nuclei from the maps, block by block, each nucleus owned once;
+- :mod:`~bundle.inference.writers`: per-image output files, written block by block;
+- :mod:`~bundle.inference.pipeline`: one image through all of the above;
+- :mod:`~bundle.inference.slide`: slides (OpenSlide / tifffile levels) into one GeoJSON;
+- :mod:`~bundle.inference.files`: which tiles a run has, the output folder, resume markers;
+- :mod:`~bundle.inference.engine`: :class:`NucleiSegmenter`, the run both front ends call.
+"""
+
+from bundle.inference.scale import (
+    DEFAULT_PIXEL_SIZE,
+    MODEL_PIXEL_SIZE,
+    PIXEL_SIZE_RANGE,
+    ToModelScaled,
+    check_pixel_size,
+    scale_factor,
+)
+
+__all__ = [
+    "DEFAULT_PIXEL_SIZE",
+    "MODEL_PIXEL_SIZE",
+    "PIXEL_SIZE_RANGE",
+    "ToModelScaled",
+    "check_pixel_size",
+    "scale_factor",
+]
