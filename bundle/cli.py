@@ -8,11 +8,11 @@ import functools
 import os
 import sys
 
-from bundle.io import DataError
+from bundle.data.io import DataError
 
 
 def find_data_error(exc: BaseException | None) -> DataError | None:
-    """The first :class:`bundle.io.DataError` in an exception's cause/context chain (MONAI wraps errors raised
+    """The first :class:`bundle.data.io.DataError` in an exception's cause/context chain (MONAI wraps errors raised
     while a config is instantiated or a transform runs), or None."""
     seen = set()
     while exc is not None and id(exc) not in seen:

@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.bench import format_table  # noqa: E402
+from bundle.research.bench import format_table  # noqa: E402
 
 SUITES = ["network", "metrics", "inference", "cost"]
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     all_rows: dict[str, list[dict]] = {}
     for name in args.suite or SUITES:
-        suite = importlib.import_module(f"bundle.bench.{name}")
+        suite = importlib.import_module(f"bundle.research.bench.{name}")
         rows = suite.run(args)
         all_rows[name] = rows
         print(f"\n## {name} ({args.device}{', amp' if args.amp else ''})\n")

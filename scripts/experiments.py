@@ -1,4 +1,4 @@
-"""Cross-validation and transfer experiments: a thin command line over :mod:`bundle.experiments`.
+"""Cross-validation and transfer experiments: a thin command line over :mod:`bundle.research.experiments`.
 
     # DS-HFN and BasicUNet on all five TNBC folds, same budget (resumable: rerun the same command)
     python scripts/experiments.py run --variants dshfn basic_unet --folds 0 1 2 3 4 \\
@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.experiments import (  # noqa: E402
+from bundle.research.experiments import (  # noqa: E402
     ABLATIONS,
     RESOLUTIONS,
     VARIANTS,

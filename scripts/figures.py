@@ -1,4 +1,4 @@
-"""Figures of the cross-validation and transfer experiments: a thin command line over :mod:`bundle.figures`.
+"""Figures of the cross-validation and transfer experiments: a thin command line over :mod:`bundle.research.figures`.
 
 Needs matplotlib for curves, bars and the transfer heatmap (pip install -r requirements-figures.txt); qualitative
 overlays need PIL only.
@@ -24,8 +24,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.experiments import RESOLUTIONS, VARIANTS  # noqa: E402
-from bundle.figures import (  # noqa: E402
+from bundle.research.experiments import RESOLUTIONS, VARIANTS  # noqa: E402
+from bundle.research.figures import (  # noqa: E402
     plot_curves,
     plot_metric_bars,
     plot_transfer_heatmap,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Recipe probes on the multi-dataset validation split (configs/recipe/): train each probe for the same CPU-time
-budget, then score it on the validation tiles with its own tuned watershed (bundle.recipe).
+budget, then score it on the validation tiles with its own tuned watershed (bundle.research.recipe).
 
     # two probes at a time, one thread each (resumable: finished probes are skipped)
     OMP_NUM_THREADS=1 python scripts/recipe.py run --probes baseline scale_025 --data_root ../shared/data
@@ -18,7 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.recipe import PROBE_CONFIGS, load_probes, loader_throughput, recipe_table, run_probe  # noqa: E402
+from bundle.research.recipe import (  # noqa: E402
+    PROBE_CONFIGS,
+    load_probes,
+    loader_throughput,
+    recipe_table,
+    run_probe,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,8 @@
     python scripts/reinhard_stats.py --dataset_dir data/tnbc --ids 01_1,01_2,02_1 --output ref.json
 
 Prints ``{"means": [L, a, b], "stds": [L, a, b]}`` (paste it as the config's ``reinhard_reference``): the mean
-over images of each image's all-pixel L*a*b* means and stds, see ``bundle.transforms.reinhard_reference``.
-Images: ``--ids`` if given, else the training part of ``--fold`` of the grouped split (``bundle.data``; the split
+over images of each image's all-pixel L*a*b* means and stds, see ``bundle.data.transforms.reinhard_reference``.
+Images: ``--ids`` if given, else the training part of ``--fold`` of the grouped split (``bundle.data.layout``; the split
 file is created if it does not exist yet), else (``--fold -1``, the default) every cross-validation image
 (all rows of meta.csv except ``split == "test"``). Use a fold's training part for a clean protocol: the
 reference then never sees that fold's validation or test images.
@@ -22,9 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.data import get_datalist, validate_dataset  # noqa: E402
-from bundle.io import DataError, read_image, write_text_atomic  # noqa: E402
-from bundle.transforms import reinhard_reference  # noqa: E402
+from bundle.data.io import DataError, read_image, write_text_atomic  # noqa: E402
+from bundle.data.layout import get_datalist, validate_dataset  # noqa: E402
+from bundle.data.transforms import reinhard_reference  # noqa: E402
 
 
 def image_paths(args: argparse.Namespace) -> list[str]:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", required=True, help="dataset in the standard layout (images/, meta.csv)")
     parser.add_argument("--ids", nargs="+", help="image ids (space- or comma-separated); overrides --fold")
-    parser.add_argument("--split_file", help="split JSON of bundle.data (created if absent)")
+    parser.add_argument("--split_file", help="split JSON of bundle.data.layout (created if absent)")
     parser.add_argument("--fold", type=int, default=-1, help="use this fold's training part; -1 = all CV images")
     parser.add_argument("--n_folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)

@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bundle.inference import DEFAULT_PIXEL_SIZE  # noqa: E402
+from bundle.cli import find_data_error  # noqa: E402
+from bundle.data.scale import DEFAULT_PIXEL_SIZE  # noqa: E402
 from bundle.inference.engine import check_settings, load_segmenter  # noqa: E402
 from bundle.inference.writers import OUTPUT_FORMATS  # noqa: E402
-from bundle.cli import find_data_error  # noqa: E402
 
 logger = logging.getLogger("segment")
 

@@ -24,13 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from bundle.inference import DEFAULT_PIXEL_SIZE  # noqa: E402
-from bundle.inference.engine import load_segmenter  # noqa: E402
-from bundle.io import load_weights, write_text_atomic  # noqa: E402
+from bundle.data.io import load_weights, write_text_atomic  # noqa: E402
+from bundle.data.scale import DEFAULT_PIXEL_SIZE  # noqa: E402
 from bundle.inference.chunks import SlidingWindowPredictor  # noqa: E402
-from bundle.transfer import transfer_datalist  # noqa: E402
-from bundle.instances import WatershedParams  # noqa: E402
-from bundle.tuning import SIZE_GRID, THRESHOLD_GRID, native_items, scaled_grid, tune_in_stages, validation_items  # noqa: E402
+from bundle.inference.engine import load_segmenter  # noqa: E402
+from bundle.nuclei.watershed import WatershedParams  # noqa: E402
+from bundle.research.transfer import transfer_datalist  # noqa: E402
+from bundle.research.tuning import (  # noqa: E402
+    SIZE_GRID,
+    THRESHOLD_GRID,
+    native_items,
+    scaled_grid,
+    tune_in_stages,
+    validation_items,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

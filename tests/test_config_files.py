@@ -17,11 +17,11 @@ from conftest import link_subset
 from monai.bundle import ConfigParser
 from monai.networks.nets import BasicUNet
 
-from bundle.baselines import SegmentationOutput
-from bundle.channels import input_channels
-from bundle.handlers import EarlyStopping
-from bundle.network import DSHFN
-from bundle.recipe import PROBE_CONFIGS, load_probes
+from bundle.data.channels import input_channels
+from bundle.engine.handlers import EarlyStopping
+from bundle.model.baselines import SegmentationOutput
+from bundle.model.network import DSHFN
+from bundle.research.recipe import PROBE_CONFIGS, load_probes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -192,7 +192,7 @@ def test_schedules_set_the_trainer_they_say(schedule, expected, tiny_tnbc, tmp_p
 
 
 def test_every_probe_overrides_existing_ids_and_builds_its_network(one_torch_thread):
-    """Each recipe probe, merged as bundle.recipe.run_probe merges it, changes ids train.json has and builds."""
+    """Each recipe probe, merged as bundle.research.recipe.run_probe merges it, changes ids train.json has and builds."""
     train_ids = set(json.loads((CONFIGS / "train.json").read_text()))
     probes = load_probes(CONFIGS / "recipe" / "probes.json")
     assert "baseline" in probes and "recipe" in probes

@@ -1,4 +1,4 @@
-"""bundle.data: layout validation, grouped k-fold splits written once and reused, datalists, ensure_dataset."""
+"""bundle.data.layout: layout validation, grouped k-fold splits written once and reused, datalists, ensure_dataset."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle.data import (
+from bundle.data.io import DataError, read_image, read_label
+from bundle.data.layout import (
     assign_folds,
     ensure_dataset,
     get_datalist,
@@ -22,7 +23,6 @@ from bundle.data import (
     read_meta,
     validate_dataset,
 )
-from bundle.io import DataError, read_image, read_label
 
 RNG = np.random.default_rng(1)
 

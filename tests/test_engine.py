@@ -1,6 +1,6 @@
 """The one inference engine (bundle.inference.engine) behind both front ends: byte-identical outputs from
 ``configs/inference.json`` and ``scripts/segment.py``, the resume rule, images shared by ranks, a bad image in a
-folder, per-pixel map formats. The network is ``bundle.bench.inference.IntensityNet`` (dark = nucleus, no weights),
+folder, per-pixel map formats. The network is ``bundle.research.bench.inference.IntensityNet`` (dark = nucleus, no weights),
 so runs take seconds and find real nuclei on the synthetic tiles of tests/test_user_files.py."""
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle.inference.engine import DONE_SUFFIX, SUMMARY_FILE, NucleiSegmenter, load_segmenter
-from bundle.io import DataError
+from bundle.data.io import DataError
+from bundle.inference.engine import (
+    DONE_SUFFIX,
+    SUMMARY_FILE,
+    NucleiSegmenter,
+    load_segmenter,
+)
 from tests.test_user_files import STUB, tissue
 
 ROOT = Path(__file__).resolve().parents[1]

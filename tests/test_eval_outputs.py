@@ -12,13 +12,15 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.handlers import MeanDice
 
-from bundle.inference import ToModelScaled, scale_factor
-
-
-from bundle.metrics import HausdorffHandler, PixelPrecisionHandler, PixelRecallHandler
-from bundle.postprocessing import BinarizeChannel, BinarizeChanneld
+from bundle.data.scale import ToModelScaled, scale_factor
+from bundle.engine.tables import MetricsTableWriter
+from bundle.evaluation.pixel import (
+    HausdorffHandler,
+    PixelPrecisionHandler,
+    PixelRecallHandler,
+)
 from bundle.inference.writers import probability_to_uint8
-from bundle.writers import MetricsTableWriter
+from bundle.nuclei.binarize import BinarizeChannel, BinarizeChanneld
 
 
 def test_binarize_channel_selects_and_thresholds():

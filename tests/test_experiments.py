@@ -9,13 +9,14 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import link_subset, write_csv
 import torch
+from conftest import link_subset, write_csv
 from monai.bundle import ConfigParser
 from monai.networks.nets import BasicUNet
 
-from bundle.baselines import SegmentationOutput
-from bundle.experiments import (
+from bundle.model.baselines import SegmentationOutput
+from bundle.model.network import DSHFN
+from bundle.research.experiments import (
     KFOLD,
     VARIANTS,
     paired_differences,
@@ -25,7 +26,6 @@ from bundle.experiments import (
     run_fold,
     summarise,
 )
-from bundle.network import DSHFN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def test_run_lock_keeps_parallel_workers_apart_and_takes_over_stale_locks(tmp_pa
     import subprocess
     import sys
 
-    from bundle.experiments import _RunLock
+    from bundle.research.experiments import _RunLock
 
     lock_path = tmp_path / "run" / "run.lock"
     with _RunLock(lock_path) as first:

@@ -16,8 +16,9 @@ from skimage.draw import polygon as draw_polygon
 from skimage.measure import find_contours, regionprops_table
 from skimage.segmentation import find_boundaries
 
-from bundle import exports
-from bundle.exports import (
+from bundle.data.io import read_image, read_label
+from bundle.nuclei import exports
+from bundle.nuclei.exports import (
     instance_overlay,
     instance_polygons,
     instances_geojson,
@@ -26,7 +27,6 @@ from bundle.exports import (
     write_instance_map,
     write_tile_outputs,
 )
-from bundle.io import read_image, read_label
 
 
 def rasterise(rings, shape) -> np.ndarray:
@@ -97,7 +97,7 @@ def test_polygons_match_pixels_exactly_on_monuseg(monuseg_tile):
 def test_polygons_of_2x2_block_maps_match_pixels_exactly(monuseg_tile, shape):
     # model-scale labels resized x2 (what the engine exports) take the half-size tracing path; odd sizes end in a
     # half block
-    from bundle.instances import upsample_labels
+    from bundle.nuclei.watershed import upsample_labels
 
     _, labels, _, _ = monuseg_tile
     blocks = upsample_labels(labels[::2, ::2], shape)

@@ -16,7 +16,13 @@ from ignite.metrics.metric import EpochWise
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 
-from bundle.handlers import BestModelSaver, EarlyStopping, GradientClipHandler, ResumableCheckpoint, atomic_torch_save
+from bundle.engine.handlers import (
+    BestModelSaver,
+    EarlyStopping,
+    GradientClipHandler,
+    ResumableCheckpoint,
+    atomic_torch_save,
+)
 
 
 class ScriptedMetric(Metric):

@@ -18,8 +18,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from bundle.io import DataError, load_weights, read_image
-from bundle.network import DSHFN
+from bundle.data.io import DataError, load_weights, read_image
+from bundle.model.network import DSHFN
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -148,7 +148,7 @@ def test_segment_cli_large_tile_slide_and_folder(ckpt, monuseg_dir, tmp_path):
     truncated_copy(inputs / "big.tif", inputs / "broken.tif")
     override = tmp_path / "stub.json"  # a stand-in network that finds the dark nuclei (a random one finds noise)
     # at 0.5 um/px on the gray input, the chunk counts below are those of a 600 x 560 40x tile halved
-    override.write_text(json.dumps({"network_def": {"_target_": "bundle.bench.inference.IntensityNet"},
+    override.write_text(json.dumps({"network_def": {"_target_": "bundle.research.bench.inference.IntensityNet"},
                                     "patch_size": [64, 64], "model_pixel_size": 0.5, "input_mode": "gray"}))
     out = tmp_path / "out"
     cli = _segment_module()

@@ -11,8 +11,15 @@ from monai.metrics import PanopticQualityMetric
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
-from bundle.instance_metrics import aji, aji_plus, contingency, detection_f1, instance_metrics, panoptic_quality
-from bundle.io import read_label
+from bundle.data.io import read_label
+from bundle.evaluation.instance import (
+    aji,
+    aji_plus,
+    contingency,
+    detection_f1,
+    instance_metrics,
+    panoptic_quality,
+)
 
 
 def grid(text: str) -> np.ndarray:

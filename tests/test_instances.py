@@ -14,8 +14,9 @@ from skimage.measure import label as cc_label
 from skimage.morphology import remove_small_objects
 from skimage.segmentation import find_boundaries, relabel_sequential
 
-from bundle.instance_metrics import aji
-from bundle.instances import (
+from bundle.data.io import read_label
+from bundle.evaluation.instance import aji
+from bundle.nuclei.watershed import (
     WatershedParams,
     fill_instance_holes,
     instances_from_maps,
@@ -25,7 +26,6 @@ from bundle.instances import (
     tune_watershed,
     upsample_labels,
 )
-from bundle.io import read_label
 
 
 def two_touching_disks() -> np.ndarray:
@@ -208,7 +208,7 @@ def test_params_round_trip_and_bad_input():
 def test_upsample_labels_equals_torch_nearest_exact(n_in, n_out):
     import torch.nn.functional as F
 
-    from bundle.instances import nearest_index
+    from bundle.nuclei.watershed import nearest_index
 
     labels = np.random.default_rng(0).integers(0, 50, (n_in, n_in + 3)).astype(np.int32)
     shape = (n_out, n_out + 5)
@@ -223,7 +223,7 @@ def test_upsample_labels_equals_torch_nearest_exact(n_in, n_out):
 def test_flood_skips_single_marker_components_with_the_same_result(monuseg_gt):
     from monai.apps.pathology.transforms.post.array import Watershed
 
-    from bundle.instances import _flood
+    from bundle.nuclei.watershed import _flood
 
     rng = np.random.default_rng(3)
     for gt in monuseg_gt:

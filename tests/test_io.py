@@ -1,4 +1,4 @@
-"""bundle.io: every image/label flavour reads into the canonical form, bad files give one DataError naming the file."""
+"""bundle.data.io: every image/label flavour reads into the canonical form, bad files give one DataError naming the file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from bundle.io import (
+from bundle.data.io import (
     DataError,
     image_size,
     label_kind,
@@ -167,7 +167,7 @@ def test_write_png_atomic_round_trips_and_leaves_no_temp(tmp_path):
 def test_encode_png_decodes_to_the_same_array_with_pil(shape, dtype):
     import io
 
-    from bundle.io import encode_png
+    from bundle.data.io import encode_png
 
     info = np.iinfo(dtype)
     a = RNG.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
@@ -182,7 +182,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("bundle.io.encode_png", boom)
+    monkeypatch.setattr("bundle.data.io.encode_png", boom)
     (tmp_path / "x.png").write_bytes(b"old")
     with pytest.raises(OSError, match="disk full"):
         write_png_atomic(tmp_path / "x.png", RGB)

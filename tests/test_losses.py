@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from bundle.losses import DSHFNLoss, GradientAlignedLoss, LossTermsHandler
+from bundle.engine.handlers import LossTermsHandler
+from bundle.model.losses import DSHFNLoss, GradientAlignedLoss
 
 EPS = 1e-6
 
@@ -110,7 +111,7 @@ def test_glga_gradcheck():
     x = torch.randn(2, 1, 6, 7, dtype=torch.float64, requires_grad=True)
     y = (torch.rand(2, 1, 6, 7) > 0.5).double()
     fn = GradientAlignedLoss()
-    # bundle.sobel computes in float32 whatever the input dtype, so the finite-difference step and
+    # bundle.model.sobel computes in float32 whatever the input dtype, so the finite-difference step and
     # tolerances are those a float32 function supports (gradients here are ~1e-2).
     assert torch.autograd.gradcheck(lambda t: fn(t, y), (x,), eps=1e-3, atol=1e-4, rtol=1e-3)
 

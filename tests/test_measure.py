@@ -1,4 +1,4 @@
-"""bundle.measure (all nuclei at once) against skimage.measure.regionprops (one nucleus at a time)."""
+"""bundle.nuclei.measure (all nuclei at once) against skimage.measure.regionprops (one nucleus at a time)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from skimage.draw import disk, line
 from skimage.measure import regionprops_table
 
-from bundle.io import read_image, read_label
-from bundle.measure import label_properties
+from bundle.data.io import read_image, read_label
+from bundle.nuclei.measure import label_properties
 
 PROPS = ("label", "centroid", "area", "perimeter", "eccentricity", "solidity", "intensity_mean")
 

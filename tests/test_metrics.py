@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import ndimage
 from scipy.spatial.distance import directed_hausdorff
 
-from bundle.metrics import (
+from bundle.evaluation.pixel import (
     MATLAB_BFSCORE_FRACTION,
     BoundaryF1Handler,
     BoundaryF1Metric,

@@ -1,4 +1,4 @@
-"""DS-HFN network (bundle/network.py): output contract, ablations, gradients, references, TorchScript."""
+"""DS-HFN network (bundle/model/network.py): output contract, ablations, gradients, references, TorchScript."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from bundle.network import (
+from bundle.model.network import (
     DSHFN,
     HFEM,
     DeformableConv,
@@ -20,7 +20,7 @@ from bundle.network import (
     SpatialAttention,
     shape_summary,
 )
-from bundle.sobel import SobelMagnitude
+from bundle.model.sobel import SobelMagnitude
 
 SMALL = dict(features=4)  # narrowest legal width: fast, same topology as the default
 VARIANTS = {

@@ -1,4 +1,4 @@
-"""bundle.prepare + scripts/prepare_data.py: original releases -> standard layout; round trips are exact."""
+"""bundle.data.prepare + scripts/prepare_data.py: original releases -> standard layout; round trips are exact."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from skimage.draw import polygon as draw_polygon
 
-from bundle.data import read_meta, validate_dataset
-from bundle.io import DataError, read_image, read_label
-from bundle.prepare import (
+from bundle.data.io import DataError, read_image, read_label
+from bundle.data.layout import read_meta, validate_dataset
+from bundle.data.prepare import (
     MONUSEG_TEST_IDS,
     MONUSEG_TRAIN_IDS,
     convert_monuseg,
@@ -254,7 +254,7 @@ def test_monuseg_test_release_layout_and_unknown_ids(tmp_path, caplog):
     for image_id in ("TCGA-HT-8564-01Z-00-DX1", "TCGA-ZZ-0000-01Z-00-DX1"):
         Image.fromarray(np.full((12, 10, 3), 200, np.uint8)).save(src / f"{image_id}.tif")
         _write_imagescope_xml(src / f"{image_id}.xml", [np.array([[2.5, 2.5], [6.5, 2.5], [6.5, 9.5], [2.5, 9.5]])])
-    with caplog.at_level(logging.WARNING, logger="bundle.prepare"):
+    with caplog.at_level(logging.WARNING, logger="bundle.data.prepare"):
         convert_monuseg(src, tmp_path / "out")
     assert "TCGA-ZZ-0000-01Z-00-DX1 is not an official" in caplog.text
     meta = {m["id"]: (m["group"], m["split"]) for m in read_meta(tmp_path / "out")}

@@ -1,5 +1,5 @@
-"""bundle.channels: network input channels (gray, RGB, hematoxylin) and HED stain jitter, against skimage and
-bundle.transforms.Grayscale. Other recipe components: test_recipe_components.py, test_recipe_datasets.py."""
+"""bundle.data.channels: network input channels (gray, RGB, hematoxylin) and HED stain jitter, against skimage and
+bundle.data.transforms.Grayscale. Other recipe components: test_recipe_components.py, test_recipe_datasets.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ from monai.data import MetaTensor
 from scipy.ndimage import gaussian_filter
 from skimage.color import hed2rgb, rgb2hed
 
-from bundle.channels import ModelInput, ModelInputd, RandHEDJitterd, input_channels, rgb_to_hed_unclipped
-from bundle.transforms import Grayscale
+from bundle.data.channels import (
+    ModelInput,
+    ModelInputd,
+    RandHEDJitterd,
+    input_channels,
+    rgb_to_hed_unclipped,
+)
+from bundle.data.transforms import Grayscale
 
 RNG = np.random.default_rng(7)
 
@@ -24,7 +30,7 @@ def rgb_image(h: int = 24, w: int = 20, lo: int = 20, hi: int = 235) -> np.ndarr
     return np.clip(np.round(img), lo, hi).astype(np.float32)
 
 
-# --- bundle.channels -----------------------------------------------------------------------------------------
+# --- bundle.data.channels -----------------------------------------------------------------------------------------
 
 
 def test_input_channels():

@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from skimage.segmentation import find_boundaries
 
-from bundle.handlers import TrainingBudget
-from bundle.losses import DSHFNLoss
-from bundle.network import DSHFN
-from bundle.transforms import NucleiTargets, NucleiTargetsd
+from bundle.data.transforms import NucleiTargets, NucleiTargetsd
+from bundle.engine.handlers import TrainingBudget
+from bundle.model.losses import DSHFNLoss
+from bundle.model.network import DSHFN
 
-
-# --- bundle.transforms.NucleiTargets(width) ------------------------------------------------------------------
+# --- bundle.data.transforms.NucleiTargets(width) ------------------------------------------------------------------
 
 
 def random_instances(h: int, w: int, n: int, rng) -> np.ndarray:
@@ -97,7 +96,7 @@ def test_targets_kind_weight_channel():
         t({"label": ids})
 
 
-# --- bundle.losses.DSHFNLoss: pos_weight and the boundary weight channel -------------------------------------
+# --- bundle.model.losses.DSHFNLoss: pos_weight and the boundary weight channel -------------------------------------
 
 
 def pred_label(n: int = 2, h: int = 16, w: int = 16, seed: int = 0):
@@ -154,7 +153,7 @@ def test_edge_pos_weight_must_be_positive(bad):
         DSHFNLoss(edge_pos_weight=bad)
 
 
-# --- bundle.network.DSHFN(upsample) --------------------------------------------------------------------------
+# --- bundle.model.network.DSHFN(upsample) --------------------------------------------------------------------------
 
 
 def test_bilinear_upsample_shapes_match_transpose(one_torch_thread):
@@ -185,7 +184,7 @@ def test_three_input_channels(one_torch_thread):
         net(torch.randn(1, 1, 32, 32))
 
 
-# --- bundle.handlers.TrainingBudget --------------------------------------------------------------------------
+# --- bundle.engine.handlers.TrainingBudget --------------------------------------------------------------------------
 
 
 def burn(seconds: float) -> None:

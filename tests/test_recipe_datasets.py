@@ -1,4 +1,4 @@
-"""bundle.datasets (multi-dataset split, datalists, crop repeats) and the recipe config chain on tiny synthetic data."""
+"""bundle.data.datasets (multi-dataset split, datalists, crop repeats) and the recipe config chain on tiny synthetic data."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from bundle.data import make_splits, validate_dataset
-from bundle.datasets import crop_indices, datasets_datalist, load_or_create_recipe_split, make_recipe_split
-from bundle.io import DataError, write_png_atomic
+from bundle.data.datasets import (
+    crop_indices,
+    datasets_datalist,
+    load_or_create_recipe_split,
+    make_recipe_split,
+)
+from bundle.data.io import DataError, write_png_atomic
+from bundle.data.layout import make_splits, validate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_CONFIGS = [str(ROOT / "configs" / f) for f in ("train.json", "recipe/probe_schedule.json")]

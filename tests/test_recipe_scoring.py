@@ -1,4 +1,4 @@
-"""bundle.recipe: grid_index (hand-worked values and bounds) and recipe_table (rows ordered by validation AJI)."""
+"""bundle.research.recipe: grid_index (hand-worked values and bounds) and recipe_table (rows ordered by validation AJI)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from bundle.recipe import grid_index, recipe_table
+from bundle.research.recipe import grid_index, recipe_table
 
 
 def test_grid_index_hand_worked_values():
@@ -67,7 +67,7 @@ def test_recipe_table_orders_by_aji(tmp_path):
 
 
 def test_load_probes_puts_the_baseline_under_each_probe(tmp_path):
-    from bundle.recipe import load_probes
+    from bundle.research.recipe import load_probes
 
     path = tmp_path / "probes.json"
     path.write_text(json.dumps({"_baseline": {"input_mode": "gray", "features": 16}, "base": {}, "wide": {"features": 32}}))

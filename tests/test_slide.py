@@ -11,10 +11,17 @@ import tifffile
 import torch
 from monai.data import WSIReader
 
-from bundle.io import DataError, read_image
-from bundle.inference.slide import RegionTiffWSIReader, WSISource, is_slide, open_source, read_tiff_region, segment_slide
-from bundle.inference.sources import ArraySource
+from bundle.data.io import DataError, read_image
 from bundle.inference.chunks import SlidingWindowPredictor
+from bundle.inference.slide import (
+    RegionTiffWSIReader,
+    WSISource,
+    is_slide,
+    open_source,
+    read_tiff_region,
+    segment_slide,
+)
+from bundle.inference.sources import ArraySource
 
 REF = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
 UM_PER_CM = 1e4

@@ -15,18 +15,32 @@ import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from PIL import Image
 from skimage.color import lab2rgb, rgb2lab
-from skimage.draw import disk, polygon as draw_polygon
+from skimage.draw import disk
+from skimage.draw import polygon as draw_polygon
 
-from bundle.inference import ToModelScaled
-from bundle.instances import WatershedParams
-from bundle.io import DataError, read_image
-from bundle.network import DSHFN
+from bundle.data.io import DataError, read_image
+from bundle.data.scale import ToModelScaled
+from bundle.data.transforms import Grayscale, ReinhardNormalize
+from bundle.inference.chunks import (
+    SlidingWindowPredictor,
+    _blur_radius,
+    chunk_grid,
+    model_size,
+    predict_chunks,
+    resample_matrix,
+    to_model_scale,
+)
+from bundle.inference.colour import (
+    image_statistics,
+    lab_to_rgb,
+    reinhard_gray,
+    rgb_to_lab,
+)
+from bundle.inference.pipeline import segment_image
 from bundle.inference.sources import ArraySource
 from bundle.inference.writers import NucleusStream, TileOutputs
-from bundle.inference.chunks import SlidingWindowPredictor, _blur_radius, chunk_grid, model_size, predict_chunks, resample_matrix, to_model_scale
-from bundle.inference.colour import image_statistics, lab_to_rgb, reinhard_gray, rgb_to_lab
-from bundle.inference.pipeline import segment_image
-from bundle.transforms import Grayscale, ReinhardNormalize
+from bundle.model.network import DSHFN
+from bundle.nuclei.watershed import WatershedParams
 
 REF = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
 BACKGROUND, NUCLEUS = (225, 190, 215), (90, 40, 130)
@@ -144,7 +158,7 @@ def test_chunk_grid_partitions_and_aligns_with_the_window_grid(n_native, n_model
 def test_colour_input_chunks_equal_the_training_chain_on_the_whole_image(monuseg_dir, mode, reference):
     """RGB / hematoxylin input: Reinhard (or none), resize of the RGB to model scale, then the input conversion,
     as the training chain orders them; the chunks equal one whole-image pass."""
-    from bundle.channels import ModelInput
+    from bundle.data.channels import ModelInput
     from bundle.inference.colour import reinhard_rgb
 
     rgb = read_image(sorted((monuseg_dir / "images").glob("*.png"))[0])[:300, :260]
@@ -351,7 +365,7 @@ def test_large_tiles_get_tiled_tiff_label_map_and_overlay(monkeypatch, tmp_path)
     import tifffile
 
     from bundle.inference import writers
-    from bundle.exports import instance_overlay
+    from bundle.nuclei.exports import instance_overlay
 
     monkeypatch.setattr(writers, "PNG_MAX_PIXELS", 100 * 100)
     centres = [(y, x) for y in range(15, 300, 40) for x in range(15, 330, 40)]

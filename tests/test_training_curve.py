@@ -1,4 +1,4 @@
-"""bundle.handlers.TrainingCurve: one CSV row per epoch with the trainer's scalars and, in validated epochs, the
+"""bundle.engine.handlers.TrainingCurve: one CSV row per epoch with the trainer's scalars and, in validated epochs, the
 validator's; a resumed run replaces the rows from its epoch on. Checked with pandas-free csv reading."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import csv
 
 from ignite.engine import Engine, Events
 
-from bundle.handlers import TrainingCurve
+from bundle.engine.handlers import TrainingCurve
 
 
 def make_run(tmp_path, val_every: int = 2):

@@ -13,7 +13,7 @@ from conftest import link_subset, write_csv
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from bundle.experiments import (
+from bundle.research.experiments import (
     TRANSFER_EVALUATE,
     TRANSFER_TRAIN,
     per_image_means,
@@ -23,7 +23,12 @@ from bundle.experiments import (
     transfer_summary_path,
     transfer_table,
 )
-from bundle.transfer import fold_role, transfer_datalist, transfer_folds, transfer_ids
+from bundle.research.transfer import (
+    fold_role,
+    transfer_datalist,
+    transfer_folds,
+    transfer_ids,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ROOT / "configs" / "splits" / "monuseg_5fold_seed42.json"
@@ -125,7 +130,7 @@ def test_transfer_matrix_and_table_from_per_image_csvs(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib (requirements-figures.txt) absent")
 def test_transfer_heatmap_writes_a_png(tmp_path):
-    from bundle.figures import plot_transfer_heatmap
+    from bundle.research.figures import plot_transfer_heatmap
 
     _synthetic_results(tmp_path)
     out = plot_transfer_heatmap(tmp_path, tmp_path / "fig" / "heat.png", variant="v")
@@ -140,7 +145,7 @@ def test_instance_metrics_handler_scores_watershed_nuclei_of_each_tile():
 
     import torch
 
-    from bundle.instance_eval import InstanceMetricsHandler
+    from bundle.engine.instance_eval import InstanceMetricsHandler
 
     gt = np.zeros((1, 40, 40), np.int32)
     gt[0, 5:15, 5:15], gt[0, 25:35, 20:30] = 1, 2
@@ -171,7 +176,7 @@ def test_run_transfer_row_trains_evaluates_every_fold_and_skips_when_done(monuse
     small = tmp_path / "small.json"
     small.write_text(json.dumps({"spatial_size": [64, 64], "pixel_size": 0.125, "val_batch_size": 2,
                                  "split_file": str(tmp_path / "splits.json"),
-                                 "network_def": {"_target_": "bundle.network.DSHFN", "in_channels": 1, "features": 4}}))
+                                 "network_def": {"_target_": "bundle.model.network.DSHFN", "in_channels": 1, "features": 4}}))
     kwargs = dict(dataset_dir=data, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results", max_epochs=1,
                   device="cpu", overrides=[str(small)])
     assert run_transfer_row(1, **kwargs)["skipped"] is False

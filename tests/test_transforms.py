@@ -1,4 +1,4 @@
-"""Tests of bundle/transforms.py and scripts/reinhard_stats.py on real TNBC / MoNuSeg tiles and hand-built cases, and of
+"""Tests of bundle/data/transforms.py and scripts/reinhard_stats.py on real TNBC / MoNuSeg tiles and hand-built cases, and of
 the training / validation chains as configs/train.json builds them."""
 
 from __future__ import annotations
@@ -11,14 +11,23 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Compose, LoadImaged, NormalizeIntensity, RandAdjustContrastd, Randomizable, Resized, ScaleIntensityRange
+from monai.transforms import (
+    Compose,
+    LoadImaged,
+    NormalizeIntensity,
+    RandAdjustContrastd,
+    Randomizable,
+    Resized,
+    ScaleIntensityRange,
+)
 from PIL import Image
 from scipy import ndimage as ndi
 from skimage.color import rgb2gray, rgb2lab
 from skimage.segmentation import find_boundaries
 
-from bundle.io import DataError, read_image, read_label
-from bundle.transforms import (
+from bundle.data.channels import input_channels
+from bundle.data.io import DataError, read_image, read_label
+from bundle.data.transforms import (
     CleanMask,
     CleanMaskd,
     Grayscale,
@@ -33,7 +42,6 @@ from bundle.transforms import (
     lab_statistics,
     reinhard_reference,
 )
-from bundle.channels import input_channels
 
 TNBC_ID = "01_1"
 MONUSEG_ID = "TCGA-18-5592-01Z-00-DX1"
@@ -106,7 +114,7 @@ def test_load_tiled_matches_bundle_io_and_keeps_path(tnbc_dir, monuseg_dir, tnbc
 
 def test_tile_reader_works_inside_monai_loadimaged(tnbc_dir, tnbc):
     load = LoadImaged(
-        "label", reader="bundle.transforms.TileReader", kind="label", ensure_channel_first=True, dtype=np.int32
+        "label", reader="bundle.data.transforms.TileReader", kind="label", ensure_channel_first=True, dtype=np.int32
     )
     out = load(_pair(tnbc_dir, TNBC_ID))
     np.testing.assert_array_equal(out["label"].numpy(), tnbc["label"].numpy())
@@ -185,7 +193,7 @@ def test_reinhard_stats_script(tnbc_dir, tmp_path, capsys, monkeypatch):
     assert reinhard_stats.main(["--dataset_dir", str(tnbc_dir), "--ids", "99_9"]) == 1
     assert "99_9" in capsys.readouterr().err
     # --fold picks the training part of the grouped split (patients of fold 0's test/val parts are left out)
-    from bundle.data import get_datalist
+    from bundle.data.layout import get_datalist
 
     args = reinhard_stats.argparse.Namespace(
         dataset_dir=str(tnbc_dir), ids=None, split_file=str(tmp_path / "split.json"), fold=0, n_folds=5, seed=42

@@ -1,4 +1,4 @@
-"""Watershed tuning on validation tiles (bundle.tuning, scripts/tune_watershed.py)."""
+"""Watershed tuning on validation tiles (bundle.research.tuning, scripts/tune_watershed.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ import torch
 from skimage.draw import disk
 from skimage.segmentation import find_boundaries
 
-from bundle.instance_metrics import aji
-from bundle.instances import WatershedParams, instances_from_maps, score_watershed, upsample_labels
+from bundle.evaluation.instance import aji
 from bundle.inference.chunks import SlidingWindowPredictor
-from bundle.tuning import model_scale_maps, tune_in_stages
+from bundle.nuclei.watershed import (
+    WatershedParams,
+    instances_from_maps,
+    score_watershed,
+    upsample_labels,
+)
+from bundle.research.tuning import model_scale_maps, tune_in_stages
 
 REF = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
 
@@ -65,7 +70,7 @@ def test_scoring_at_model_scale_and_staged_search():
 def test_native_items_and_scaled_grid():
     import torch.nn.functional as F
 
-    from bundle.tuning import SIZE_GRID, native_items, scaled_grid
+    from bundle.research.tuning import SIZE_GRID, native_items, scaled_grid
 
     rng = np.random.default_rng(2)
     region, boundary = rng.random((20, 30)).astype(np.float32), rng.random((20, 30)).astype(np.float32)

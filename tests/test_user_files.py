@@ -4,7 +4,7 @@ an output folder that is the input folder, reruns with more formats, temp files 
 names, a bad file in a folder, absurd numbers, corrupt or mismatched checkpoints, an Aperio slide through
 OpenSlide. Bad input must stop with one line naming the file or option, before any network work.
 
-The network is ``bundle.bench.inference.IntensityNet`` (dark = nucleus; no weights), so the runs take seconds and
+The network is ``bundle.research.bench.inference.IntensityNet`` (dark = nucleus; no weights), so the runs take seconds and
 find real nuclei on the synthetic tiles."""
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ import tifffile
 import torch
 from PIL import Image
 
-from bundle.io import DataError, load_weights, read_image, read_label_and_kind
-from bundle.inference.files import clean_stale_temp, find_tiles
-from bundle.inference.files import tiles_for_run
+from bundle.data.io import DataError, load_weights, read_image, read_label_and_kind
+from bundle.inference.files import clean_stale_temp, find_tiles, tiles_for_run
 from bundle.inference.slide import WSISource, open_source
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-STUB = {"network_def": {"_target_": "bundle.bench.inference.IntensityNet"}, "patch_size": [64, 64]}
+STUB = {"network_def": {"_target_": "bundle.research.bench.inference.IntensityNet"}, "patch_size": [64, 64]}
 
 
 def tissue(shape=(192, 224), seed=0) -> np.ndarray:
@@ -266,7 +265,7 @@ def test_config_bad_input_is_one_line_and_nonzero(stub, tmp_path):
     Image.fromarray(tissue((96, 96))).save(tiles / "t.png")
     (tmp_path / "afile").write_text("x")
     (tmp_path / "corrupt.pt").write_bytes(b"garbage" * 100)
-    from bundle.network import DSHFN
+    from bundle.model.network import DSHFN
 
     torch.save(DSHFN(features=4, levels=2).state_dict(), tmp_path / "dshfn.pt")  # weights of another network
     bad = tmp_path / "bad"
@@ -292,7 +291,7 @@ def test_a_mask_with_other_values_is_read_as_instances_with_one_warning(tmp_path
     mask = np.zeros((16, 16), np.uint8)
     mask[2:6, 2:6], mask[8:12, 8:12] = 255, 128  # e.g. an anti-aliased or resampled 0/255 mask
     Image.fromarray(mask).save(tmp_path / "m.png")
-    with caplog.at_level(logging.WARNING, logger="bundle.io"):
+    with caplog.at_level(logging.WARNING, logger="bundle.data.io"):
         assert read_label_and_kind(tmp_path / "m.png")[1] == "instance"
         read_label_and_kind(tmp_path / "m.png")
     lines = [r.getMessage() for r in caplog.records if "m.png" in r.getMessage()]
@@ -301,9 +300,10 @@ def test_a_mask_with_other_values_is_read_as_instances_with_one_warning(tmp_path
 
 # --------------------------------------------------------------------------------------------------- security
 def test_device_is_data_and_checkpoints_load_weights_only(tmp_path, monkeypatch):
-    from bundle.experiments import device_name
-    from bundle.handlers import ResumableCheckpoint
     from ignite.engine import Engine
+
+    from bundle.engine.handlers import ResumableCheckpoint
+    from bundle.research.experiments import device_name
 
     assert device_name("cpu") == "cpu" and device_name("cuda:1") == "cuda:1"
     with pytest.raises(DataError, match="not a torch device"):

@@ -1,8 +1,8 @@
 """Inference: from the pixels of a tile, a folder of tiles, a large image or a slide to nucleus outputs.
 
-Modules, in the order imports point (each uses only those before it):
+Modules, in the order imports point (each uses only those before it; pixel sizes and the resize to model scale are
+:mod:`bundle.data.scale`, shared with training):
 
-- :mod:`~bundle.inference.scale`: pixel sizes and the resize to the model scale (also a training transform);
 - :mod:`~bundle.inference.colour`: L*a*b*, Reinhard, whole-image statistics;
 - :mod:`~bundle.inference.sources`: images read region by region;
 - :mod:`~bundle.inference.chunks`: chunk geometry, resampling, the sliding-window network pass;
@@ -13,21 +13,3 @@ Modules, in the order imports point (each uses only those before it):
 - :mod:`~bundle.inference.files`: which tiles a run has, the output folder, resume markers;
 - :mod:`~bundle.inference.engine`: :class:`NucleiSegmenter`, the run both front ends call.
 """
-
-from bundle.inference.scale import (
-    DEFAULT_PIXEL_SIZE,
-    MODEL_PIXEL_SIZE,
-    PIXEL_SIZE_RANGE,
-    ToModelScaled,
-    check_pixel_size,
-    scale_factor,
-)
-
-__all__ = [
-    "DEFAULT_PIXEL_SIZE",
-    "MODEL_PIXEL_SIZE",
-    "PIXEL_SIZE_RANGE",
-    "ToModelScaled",
-    "check_pixel_size",
-    "scale_factor",
-]

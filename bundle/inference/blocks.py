@@ -1,6 +1,6 @@
 """
 Nuclei from the network's maps, block by block: the chunk's native core is cut into post-processing blocks (``post_chunk`` native px); each block runs
-the watershed (:func:`bundle.instances.instances_from_maps`) on the block plus ``post_halo`` pixels of the exact
+the watershed (:func:`bundle.nuclei.watershed.instances_from_maps`) on the block plus ``post_halo`` pixels of the exact
 maps and keeps only the nuclei whose centroid lies in the block. The blocks partition the image, so every
 nucleus is kept exactly once; a nucleus crossing a block border is segmented whole inside the halo (the halo is
 much wider than a nucleus), so none is cut. The nucleus table, GeoJSON features and the instance label map are
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bundle.inference.chunks import ChunkMaps, maps_to_native
-from bundle.instances import (
+from bundle.nuclei.watershed import (
     WatershedParams,
     instances_from_maps,
     nearest_index,
@@ -86,7 +86,7 @@ def segment_blocks(
     pixels), run the watershed and keep the nuclei whose centroid lies in the block.
 
     ``post_scale="model"`` (default): the watershed runs on the network's own maps at model scale and the labels
-    are brought to the native grid by nearest-exact resizing (:func:`bundle.instances.upsample_labels`), 4x
+    are brought to the native grid by nearest-exact resizing (:func:`bundle.nuclei.watershed.upsample_labels`), 4x
     fewer pixels for 40x tiles; ``"native"``: on the maps upsampled to native size (bilinear). Either way the
     block carries the bilinear native maps for the per-nucleus measurements.
     """

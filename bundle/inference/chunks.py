@@ -29,7 +29,8 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.layers.convutils import gaussian_1d
 from scipy import ndimage, sparse
 
-from bundle.channels import rgb_to_input
+from bundle.data.channels import rgb_to_input
+from bundle.data.io import DataError
 from bundle.inference.colour import (
     ImageStats,
     is_background,
@@ -37,8 +38,7 @@ from bundle.inference.colour import (
     reinhard_rgb,
 )
 from bundle.inference.sources import RegionSource
-from bundle.io import DataError
-from bundle.postprocessing import BOUNDARY, REGION
+from bundle.nuclei.binarize import BOUNDARY, REGION
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 # geometry and resampling
 # ------------------------------------------------------------------------------------------------------------
 def model_size(n: int, factor: float) -> int:
-    """Length at model scale of ``n`` native pixels (the rounding of ``bundle.inference.ToModelScaled``)."""
+    """Length at model scale of ``n`` native pixels (the rounding of ``bundle.data.scale.ToModelScaled``)."""
     return max(1, round(n * factor))
 
 
@@ -257,7 +257,7 @@ def network_input(
     gx: ChunkGeometry, native_shape: tuple[int, int], model_shape: tuple[int, int],
 ) -> np.ndarray:
     """(C, h, w) float32 standardised network input of one chunk's net area from its native RGB read region:
-    Reinhard, resize to model scale, :func:`bundle.channels.rgb_to_input`, whole-image standardisation.
+    Reinhard, resize to model scale, :func:`bundle.data.channels.rgb_to_input`, whole-image standardisation.
     Gray is resized as one plane (the luma is linear in R, G, B, so this equals resizing the RGB first)."""
     h, w = native_shape
     if stats.input_mode == "gray":

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bundle.channels import rgb_to_input
+from bundle.data.channels import rgb_to_input
+from bundle.data.io import DataError
+from bundle.data.transforms import LUMA_WEIGHTS
 from bundle.inference.sources import RegionSource
-from bundle.io import DataError
-from bundle.transforms import LUMA_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ImageStats:
     """Whole-image statistics that every chunk is normalised with (so that chunks agree with each other).
 
     ``lab_mean``/``lab_std``: L*a*b* mean and std of the image (Reinhard's source statistics);
-    ``input_mean``/``input_std``: per channel of the network input (:func:`bundle.channels.rgb_to_input` of the
+    ``input_mean``/``input_std``: per channel of the network input (:func:`bundle.data.channels.rgb_to_input` of the
     Reinhard-normalised image; what MONAI's ``NormalizeIntensityd(channel_wise=True)`` standardises with in
     ``configs/inference.json``); ``input_mode``: which input that is.
     """
@@ -140,7 +140,7 @@ def reinhard_rgb(
     gray: bool = False,
 ) -> np.ndarray:
     """(..., 3) RGB -> (..., 3) float32 RGB 0..255 of the Reinhard-normalised image (the formula of
-    :class:`bundle.transforms.ReinhardNormalize` with FIXED source statistics), ``block`` pixels at a time so the
+    :class:`bundle.data.transforms.ReinhardNormalize` with FIXED source statistics), ``block`` pixels at a time so the
     float temporaries stay small and cache-resident; ``gray=True`` returns the BT.601 gray (...) instead (one
     plane kept, not three). ``lab``: the image's flattened L*, a*, b* planes (:func:`rgb_to_lab`), when already
     known. ``reference=None``: no normalisation (the RGB, or its gray, as float32)."""

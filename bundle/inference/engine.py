@@ -21,14 +21,14 @@ import torch
 from monai.data import partition_dataset
 from monai.inferers import SlidingWindowInferer
 
+from bundle.data.io import DataError, load_weights, tile_id, write_text_atomic
+from bundle.data.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, check_pixel_size
 from bundle.inference.chunks import SlidingWindowPredictor
-from bundle.inference.files import output_files, tile_id, tiles_for_run
+from bundle.inference.files import output_files, tiles_for_run
 from bundle.inference.pipeline import peak_rss_mib, segment_image
-from bundle.inference.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, check_pixel_size
 from bundle.inference.slide import is_slide, open_source, segment_slide
 from bundle.inference.writers import OUTPUT_FORMATS, TileOutputs
-from bundle.instances import WatershedParams
-from bundle.io import DataError, load_weights, write_text_atomic
+from bundle.nuclei.watershed import WatershedParams
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +88,13 @@ class NucleiSegmenter:
         ckpt: weights loaded into ``network`` before the first image (None: use it as it is).
         device: where the network runs.
         reference: Reinhard reference ``{"means", "stds"}`` in L*a*b*; None: no colour normalisation.
-        input_mode: the network's input channels (:mod:`bundle.channels`).
+        input_mode: the network's input channels (:mod:`bundle.data.channels`).
         pixel_size: um/px of the inputs (level 0 for slides); None: a slide's resolution tags, else
             :data:`DEFAULT_PIXEL_SIZE`.
         model_pixel_size: um/px the network was trained at.
         inferer: MONAI ``SlidingWindowInferer`` (square windows, model pixels); default 256 px, overlap 0.25,
             Gaussian blending, reflect padding.
-        watershed: :class:`bundle.instances.WatershedParams` or its dict; sizes in pixels of ``post_scale``'s grid.
+        watershed: :class:`bundle.nuclei.watershed.WatershedParams` or its dict; sizes in pixels of ``post_scale``'s grid.
         post_scale: where the watershed runs, ``"model"`` or ``"native"`` (:func:`bundle.inference.blocks.segment_blocks`).
         formats: outputs per image, from :data:`bundle.inference.writers.OUTPUT_FORMATS`.
         threshold: region probability of the ``mask`` output.

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bundle.io import IMAGE_SUFFIXES, DataError
+from bundle.data.io import IMAGE_SUFFIXES, DataError, tile_id
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +70,6 @@ def _list_tiles(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return tiles
 
 
-def tile_id(path: str | os.PathLike) -> str:
-    """Output stem of a tile: its file name without the image suffix (``a.ome.tif`` -> ``a.ome``)."""
-    name = Path(path).name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
 def output_files(out_dir: str | os.PathLike, stem: str, fmt: str) -> list[Path]:
     """The files that hold ``fmt`` output of tile ``stem`` (any one present is enough)."""
     return [Path(out_dir) / pattern.format(stem) for pattern in _FORMAT_FILES[fmt]]
@@ -130,7 +121,7 @@ def ensure_output_dir(path: str | os.PathLike, option: str = "--output_dir") -> 
     return path
 
 
-#: temp files of bundle.io.atomic_write (``.<name>.<pid>.<random>.tmp<suffix>``) and of the streamed GeoJSON/CSV
+#: temp files of bundle.data.io.atomic_write (``.<name>.<pid>.<random>.tmp<suffix>``) and of the streamed GeoJSON/CSV
 #: (``.<name>.<pid>.partial``): the pid of the writer is in the name
 _TEMP = re.compile(r"^\..+\.(\d+)\.(?:[^.]*\.tmp.*|partial)$")
 

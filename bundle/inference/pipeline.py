@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from bundle.data.scale import MODEL_PIXEL_SIZE, scale_factor
 from bundle.inference.blocks import segment_blocks
 from bundle.inference.chunks import chunk_grid, model_size, predict_chunks
 from bundle.inference.colour import ImageStats, image_statistics
-from bundle.inference.scale import MODEL_PIXEL_SIZE, scale_factor
 from bundle.inference.sources import RegionSource
-from bundle.instances import WatershedParams
+from bundle.nuclei.watershed import WatershedParams
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def segment_image(
     ``post_chunk``/``post_halo`` native pixels (default halo: ``halo`` model px in native px, less the bilinear
     taps). ``tissue_only`` (slides): statistics from tissue and no network pass on all-glass chunks.
     ``post_scale``: where the watershed runs (:func:`segment_blocks`); ``params`` sizes are pixels of that grid.
-    ``input_mode``: the network's input (:mod:`bundle.channels`); ``reference=None`` skips Reinhard.
+    ``input_mode``: the network's input (:mod:`bundle.data.channels`); ``reference=None`` skips Reinhard.
     Returns a summary (nuclei, chunks, blocks, truncated nuclei, label conflicts, seconds).
     """
     t0 = time.perf_counter()

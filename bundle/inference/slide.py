@@ -8,7 +8,7 @@ levels as top-level IFDs, so it misses SubIFD pyramids and counts an SVS thumbna
 (``series[0].levels``), and a patch decodes only the TIFF tiles (or strips) it overlaps (:func:`read_tiff_region`),
 so reading a region costs memory and time proportional to the region. Vendor slides (SVS, NDPI, MRXS, SCN..., and
 TIFFs OpenSlide recognises as a vendor's) go through MONAI's ``WSIReader(backend="openslide")`` (``openslide-python``
-with ``openslide-bin``, pinned in requirements.txt). Either way the pixels pass :func:`bundle.io.to_rgb`, the
+with ``openslide-bin``, pinned in requirements.txt). Either way the pixels pass :func:`bundle.data.io.to_rgb`, the
 decoding rules of every front end.
 """
 
@@ -28,20 +28,20 @@ from monai.data import WSIReader
 from monai.data.wsi_reader import TiffFileWSIReader
 from monai.utils import OptionalImportError
 
-from bundle.inference.files import tile_id
-from bundle.inference.pipeline import peak_rss_mib, segment_image
-from bundle.inference.sources import ArraySource, RegionSource
-from bundle.inference.writers import NucleusStream
-from bundle.inference.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE
-from bundle.instances import WatershedParams
-from bundle.io import (
+from bundle.data.io import (
     TIFF_SUFFIXES,
     DataError,
     check_single_frame,
     read_image,
+    tile_id,
     to_rgb,
     write_text_atomic,
 )
+from bundle.data.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE
+from bundle.inference.pipeline import peak_rss_mib, segment_image
+from bundle.inference.sources import ArraySource, RegionSource
+from bundle.inference.writers import NucleusStream
+from bundle.nuclei.watershed import WatershedParams
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class WSISource:
         self.backend = backend
         try:
             if backend == "tifffile":
-                # mode "stored": every sample as stored (gray, RGB, RGBA) in the file's own dtype; bundle.io.to_rgb
+                # mode "stored": every sample as stored (gray, RGB, RGBA) in the file's own dtype; bundle.data.io.to_rgb
                 # then applies the decoding rules every front end shares (bit depth, float range, alpha on white)
                 self.reader = RegionTiffWSIReader(channel_dim=-1, mode="stored")
             else:
@@ -232,7 +232,7 @@ class WSISource:
             self.downsample = self.level0_shape[0] / self.shape[0]
             if backend == "tifffile":
                 page = RegionTiffWSIReader._level(self.wsi, level)
-                self.reader.dtype = page.dtype  # read as stored; converted by bundle.io.to_rgb
+                self.reader.dtype = page.dtype  # read as stored; converted by bundle.data.io.to_rgb
                 bits, container = int(getattr(page, "bitspersample", 0) or 0), page.dtype.itemsize * 8
                 self.bits = bits if page.dtype.kind in "ui" and 0 < bits < container else None
         except DataError:
@@ -251,7 +251,7 @@ class WSISource:
 
     def _float_range(self, block: int = 2048) -> tuple[float, float]:
         """(min, max) of a floating-point level, read block by block: [0, 1] or [0, 255] data is decided on the
-        whole image (:func:`bundle.io.to_uint8`), so every region is scaled alike."""
+        whole image (:func:`bundle.data.io.to_uint8`), so every region is scaled alike."""
         lo, hi = np.inf, -np.inf
         h, w = self.shape
         for y in range(0, h, block):
@@ -277,7 +277,7 @@ class WSISource:
         return np.asarray(patch)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """(y1-y0, x1-x0, 3) uint8 RGB by the decoding rules of :func:`bundle.io.to_rgb` (the same as whole tiles)."""
+        """(y1-y0, x1-x0, 3) uint8 RGB by the decoding rules of :func:`bundle.data.io.to_rgb` (the same as whole tiles)."""
         return to_rgb(self._read_raw(y0, y1, x0, x1), self.path, self.bits, self.value_range)
 
     def close(self) -> None:
@@ -305,7 +305,7 @@ def is_slide(path: str | os.PathLike) -> bool:
 def open_source(path: str | os.PathLike, level: int = 0) -> RegionSource:
     """A :class:`bundle.inference.sources.RegionSource` for ``path``: TIFF and slides region by region (:class:`WSISource`),
     PNG/JPEG (and TIFFs tifffile cannot decode without imagecodecs, e.g. LZW) decoded whole by
-    :func:`bundle.io.read_image`."""
+    :func:`bundle.data.io.read_image`."""
     path = str(path)
     if path.lower().endswith(SLIDE_SUFFIXES) or (path.lower().endswith(TIFF_SUFFIXES) and level > 0):
         return WSISource(path, level)
@@ -344,7 +344,7 @@ def segment_slide(
     de-duplicated across chunk borders (:func:`bundle.inference.pipeline.segment_image`); writes ``<stem>_summary.json``.
 
     ``pixel_size`` of level 0 in um/px: given, else the slide's own resolution tags, else
-    :data:`bundle.inference.DEFAULT_PIXEL_SIZE`. ``chunking``: ``chunk``, ``halo``, ``roi``, ``post_chunk`` ...
+    :data:`bundle.data.scale.DEFAULT_PIXEL_SIZE`. ``chunking``: ``chunk``, ``halo``, ``roi``, ``post_chunk`` ...
     """
     source = WSISource(path, level)
     stem = tile_id(path)

@@ -13,21 +13,21 @@ from typing import Any
 import numpy as np
 from skimage.segmentation import find_boundaries
 
-from bundle.exports import (
+from bundle.data.io import DataError, atomic_write, write_png_atomic
+from bundle.inference.blocks import NucleusBlock
+from bundle.inference.sources import RegionSource
+from bundle.nuclei.exports import (
     FORMATS,
     instances_geojson,
     nucleus_table,
     table_csv,
     write_instance_map,
 )
-from bundle.inference.blocks import NucleusBlock
-from bundle.inference.sources import RegionSource
-from bundle.io import DataError, atomic_write, write_png_atomic
-from bundle.visualize import PRED_RGB
+from bundle.nuclei.overlays import PRED_RGB
 
 logger = logging.getLogger(__name__)
 
-#: every output format of the engine: the nucleus formats of :data:`bundle.exports.FORMATS`, plus per-pixel maps
+#: every output format of the engine: the nucleus formats of :data:`bundle.nuclei.exports.FORMATS`, plus per-pixel maps
 #: for tiles: ``mask`` (region probability > threshold, 0/255 PNG), ``prob`` (region and boundary probability x 255
 #: PNGs) and ``nifti`` (both maps, float32 NIfTI)
 OUTPUT_FORMATS = (*FORMATS, "mask", "prob", "nifti")
@@ -53,7 +53,7 @@ class NucleusStream:
     """Streams per-nucleus CSV rows and GeoJSON features of successive :class:`NucleusBlock` s into temp files
     beside ``<stem>_nuclei.csv`` / ``<stem>.geojson``; :meth:`close` renames them into place (atomic).
 
-    Coordinates: ``offset + scale * native`` (``bundle.exports`` frame), e.g. level-0 slide pixels.
+    Coordinates: ``offset + scale * native`` (``bundle.nuclei.exports`` frame), e.g. level-0 slide pixels.
     Every nucleus gets the next global id, shared by the CSV ``id``, the GeoJSON ``instance_id`` and the label map.
     """
 
@@ -145,7 +145,7 @@ def _write_tiled_tiff(path: Path, tiles: Iterator[np.ndarray], shape: tuple[int,
 
 
 class TileOutputs:
-    """Outputs of one large tile in the :func:`bundle.exports.write_tile_outputs` layout, filled block by block:
+    """Outputs of one large tile in the :func:`bundle.nuclei.exports.write_tile_outputs` layout, filled block by block:
     ``<stem>.geojson`` and ``<stem>_nuclei.csv`` (streamed), ``<stem>_instances.png`` (uint16 label map) and
     ``<stem>_overlay.png`` (contours drawn from the final label map); for tiles also the per-pixel maps of
     :data:`MAP_FORMATS` (``<stem>_mask.png`` 0/255 at ``threshold``, ``<stem>_region.png`` / ``_boundary.png``
@@ -241,7 +241,7 @@ class TileOutputs:
 
     def overlay_blocks(self, source: RegionSource, block: int = 2048) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
         """Row-major ``((y, x), rgb)`` blocks of the tile with each nucleus' inner contour drawn (as
-        :func:`bundle.exports.instance_overlay`), each computed with a 1-pixel margin so contours across block
+        :func:`bundle.nuclei.exports.instance_overlay`), each computed with a 1-pixel margin so contours across block
         borders are exact."""
         h, w = self.labels.shape
         for y in range(0, h, block):
