@@ -125,9 +125,9 @@ def test_changed_meta_csv_is_refused(tmp_path):
 
 @pytest.mark.parametrize("pixel_size", [40, 0.01, 6.0])
 def test_out_of_range_pixel_size_refused(data_root, tmp_path, pixel_size):
-    with pytest.raises(DataError, match="out of range"):
+    with pytest.raises(DataError, match="outside 0.05..5"):
         load_or_create_recipe_split(specs(data_root, ("tnbc",), pixel_size), tmp_path / "s.json")
-    with pytest.raises(DataError, match="out of range"):
+    with pytest.raises(DataError, match="outside 0.05..5"):
         make_recipe_split(specs(data_root, ("tnbc",), pixel_size))
     assert not (tmp_path / "s.json").exists()
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bundle.data.io import DataError, image_size, write_text_atomic
+from bundle.data.scale import check_pixel_size
 from bundle.data.layout import make_splits, meta_hash, validate_dataset
 
 __all__ = ["SPLIT_KIND", "resolve_datasets", "make_recipe_split", "load_or_create_recipe_split", "datasets_datalist",
@@ -46,12 +47,7 @@ def _check_datasets(datasets: Mapping[str, Mapping[str, Any]]) -> None:
     for name, spec in datasets.items():
         if not isinstance(spec, Mapping) or "dir" not in spec or "pixel_size" not in spec:
             raise DataError(f"datasets[{name!r}] must have 'dir' and 'pixel_size' (um/px), got {spec!r}")
-        size = float(spec["pixel_size"])
-        if not 0.05 <= size <= 5.0:
-            raise DataError(
-                f"datasets[{name!r}]: pixel_size {size} um/px is out of range 0.05..5. "
-                "Give micrometres per pixel (about 0.25 for 40x, 0.5 for 20x), not the magnification"
-            )
+        check_pixel_size(spec["pixel_size"], f"datasets[{name!r}] pixel_size")
 
 
 def resolve_datasets(
