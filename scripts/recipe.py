@@ -5,6 +5,8 @@ budget, then score it on the validation tiles with its own tuned watershed (bund
     # two probes at a time, one thread each (resumable: finished probes are skipped)
     OMP_NUM_THREADS=1 python scripts/recipe.py run --probes baseline scale_025 --data_root ../shared/data
     python scripts/recipe.py table --results_dir docs/results/recipe
+    # weights (e.g. the shipped ones) on the validation split, with the watershed users get
+    python scripts/recipe.py score --weights models/model.pt --data_root ../shared/data
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bundle.nuclei.watershed import WatershedParams  # noqa: E402
 from bundle.research.recipe import (  # noqa: E402
     PROBE_CONFIGS,
+    evaluate_run,
     load_probes,
     loader_throughput,
     recipe_table,
@@ -45,10 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("table", help="markdown table of the scored probes")
     t.add_argument("--results_dir", default=str(ROOT / "docs" / "results" / "recipe"))
     t.add_argument("--probe_file", default=str(ROOT / "configs" / "recipe" / "probes.json"))
+    e = sub.add_parser("score", help="score weights on the validation split (AJI, PQ, Dice, BF1, HD95 at native size)")
+    e.add_argument("--weights", required=True, help="model.pt (state dict) or a training checkpoint.pt")
+    e.add_argument("--data_root", required=True, help="folder holding tnbc/, monuseg/, consep/")
+    e.add_argument("--config_file", nargs="+", default=[str(ROOT / "configs" / "train.json")],
+                   help="training config(s) of the weights (network, scale, input, validation split)")
+    e.add_argument("--watershed", choices=["inference", "tune"], default="inference",
+                   help="the watershed of configs/inference.json (what users get) or one tuned on these tiles")
+    e.add_argument("--out", help="JSON with the means, the watershed and every tile's row")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "table":
         print(recipe_table(args.results_dir, json.loads(Path(args.probe_file).read_text()).get("_baseline")))
+        return 0
+    if args.cmd == "score":
+        watershed = None
+        if args.watershed == "inference":
+            inference = json.loads((ROOT / "configs" / "inference.json").read_text())
+            watershed = WatershedParams.from_dict(inference["watershed"])
+        res = evaluate_run(args.config_file, {"data_root": str(Path(args.data_root).resolve())}, args.weights,
+                           args.out, watershed)
+        print(json.dumps({k: res[k] for k in ("watershed", "tuning", "overall", "instance_sets", "per_dataset")}, indent=2))
         return 0
     probes = load_probes(args.probe_file)
     if args.cmd == "throughput":

@@ -43,9 +43,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from bundle import bundle_root
 from bundle.research.bench import sync, time_call
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(bundle_root())
 REFERENCE = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
 
 

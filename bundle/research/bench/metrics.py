@@ -23,10 +23,11 @@ from monai.metrics import HausdorffDistanceMetric
 from PIL import Image
 from scipy import ndimage
 
+from bundle import bundle_root
 from bundle.evaluation.pixel import BoundaryF1Metric, HausdorffMetric
 from bundle.research.bench import sync
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(bundle_root())
 DATA = Path(os.environ.get("DSHFN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 

@@ -1,0 +1,27 @@
+"""scripts/benchmark.py runs every suite end to end (--quick): the suites import what they time, find the bundle's
+configs and data, and report every row. No timing is asserted (speed is a benchmark, never a test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_reports_every_stage(tnbc_dir, monuseg_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--suite", "inference", "--suite", "metrics",
+                           "--suite", "cost", "--quick", "--repeat", "1", "--json", str(out)],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    stages = [r["stage"] for r in rows["inference"]]
+    assert stages[:6] == ["read", "normalisation", "normalisation (skimage)", "network", "post-processing", "writing"]
+    assert all(r["seconds"] > 0 for r in rows["inference"])
+    assert {r["network"] for r in rows["cost"]} == {"DS-HFN (inference.json)", "BasicUNet", "HoVerNet fast"}
+    assert rows["metrics"] and all(r["ours_s"] > 0 for r in rows["metrics"])
