@@ -26,7 +26,7 @@ HOVERNET_PIXEL_SIZE = 0.25
 HOVERNET_OUT = 164  # MONAI HoVerNet(mode="fast"): valid convolutions crop a 256 window to its central 164
 
 
-def _inference_network(config_files: list[str]) -> tuple[torch.nn.Module, int, float]:
+def inference_network(config_files: list[str]) -> tuple[torch.nn.Module, int, float]:
     from bundle.inference.engine import load_segmenter
 
     s = load_segmenter(config_files, ckpt_path=None)
@@ -38,7 +38,7 @@ def run(args: Any) -> list[dict]:
 
     device = torch.device(args.device)
     batch = 1 if args.quick else 4
-    dshfn, in_ch, model_ps = _inference_network([f"{bundle_root()}/configs/inference.json"])
+    dshfn, in_ch, model_ps = inference_network([f"{bundle_root()}/configs/inference.json"])
     nets = {
         "DS-HFN (inference.json)": (dshfn, in_ch, SIZE, model_ps),
         "BasicUNet": (BasicUNet(spatial_dims=2, in_channels=in_ch, out_channels=2), in_ch, SIZE, model_ps),
