@@ -18,7 +18,8 @@ INCLUDE = ("configs", "bundle", "models", "docs", "scripts", "LICENSE", "README.
 
 def bundle_files(root: str | os.PathLike) -> list[Path]:
     """Files of the bundle under ``root``: git-tracked ones when ``root`` is a git checkout (so local data,
-    runs and caches never ship), else every file under :data:`INCLUDE`; plus ``models/*`` weights either way."""
+    runs and caches never ship), else every file under :data:`INCLUDE`; plus ``models/*`` weights either way, except
+    training checkpoints (``models/*checkpoint*``)."""
     root = Path(root).resolve()
     files: set[Path] = set()
     try:
@@ -29,7 +30,9 @@ def bundle_files(root: str | os.PathLike) -> list[Path]:
             p = root / name
             files |= {f for f in p.rglob("*") if f.is_file()} if p.is_dir() else ({p} if p.is_file() else set())
     files |= {f for f in (root / "models").glob("*") if f.is_file()}
-    return sorted(f for f in files if f.is_file() and "__pycache__" not in f.parts)
+    # a training run's resumable state is for whoever continues the run, not for users of the bundle
+    return sorted(f for f in files if f.is_file() and "__pycache__" not in f.parts
+                  and not (f.parent == root / "models" and "checkpoint" in f.name))
 
 
 def build_bundle_zip(root: str | os.PathLike, out_zip: str | os.PathLike, name: str = BUNDLE_NAME) -> Path:
