@@ -189,6 +189,13 @@ def _blur_radius(n_in: int, n_out: int) -> int:
 # ------------------------------------------------------------------------------------------------------------
 # network
 # ------------------------------------------------------------------------------------------------------------
+def default_inferer(roi_size: int = 256, sw_batch_size: int = 8, overlap: float = 0.25) -> SlidingWindowInferer:
+    """MONAI's ``SlidingWindowInferer`` as ``configs/inference.json`` sets it: square windows, Gaussian blending,
+    reflect padding."""
+    return SlidingWindowInferer((int(roi_size), int(roi_size)), sw_batch_size, float(overlap), mode="gaussian",
+                                padding_mode="reflect")
+
+
 class SlidingWindowPredictor:
     """(C, H, W) (or (H, W)) standardised input at model scale -> (C, H, W) float32 numpy maps: the network (eval mode,
     no grad) through MONAI's ``SlidingWindowInferer`` with ``configs/inference.json``'s settings."""
@@ -209,9 +216,7 @@ class SlidingWindowPredictor:
         self.network = network.to(device).eval()
         self.device = torch.device(device)
         self.amp = amp
-        if inferer is None:
-            inferer = SlidingWindowInferer((int(roi_size), int(roi_size)), sw_batch_size, float(overlap), mode="gaussian",
-                                           padding_mode="reflect")
+        inferer = inferer or default_inferer(roi_size, sw_batch_size, overlap)
         roi = inferer.roi_size
         roi = [int(roi)] * 2 if isinstance(roi, int) else [int(r) for r in roi]
         overlap = inferer.overlap

@@ -23,7 +23,7 @@ from monai.inferers import SlidingWindowInferer
 
 from bundle.data.io import DataError, load_weights, tile_id, write_text_atomic
 from bundle.data.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, check_pixel_size
-from bundle.inference.chunks import SlidingWindowPredictor
+from bundle.inference.chunks import SlidingWindowPredictor, default_inferer
 from bundle.inference.files import output_files, tiles_for_run
 from bundle.inference.pipeline import peak_rss_mib, segment_image
 from bundle.inference.slide import is_slide, open_source, segment_slide
@@ -137,7 +137,7 @@ class NucleiSegmenter:
         unknown = sorted(set(formats) - set(OUTPUT_FORMATS))
         if unknown:
             raise DataError(f"unknown output format(s) {unknown}; choose from {', '.join(OUTPUT_FORMATS)}")
-        inferer = inferer or SlidingWindowInferer((256, 256), 8, 0.25, mode="gaussian", padding_mode="reflect")
+        inferer = inferer or default_inferer()
         check_settings(pixel_size, model_pixel_size, chunk, halo, post_chunk, level, _square(inferer.roi_size))
         if slide not in ("auto", "yes", "no"):
             raise DataError(f"slide={slide!r}: give 'auto', 'yes' or 'no'")

@@ -96,9 +96,7 @@ def score_tiles(tiles: Sequence[Mapping[str, Any]], params: WatershedParams) -> 
     against the truth at native size."""
     rows = []
     for t in tiles:
-        inst = instances_from_maps(t["region"], t["boundary"], params)
-        inst = upsample_labels(inst, t["truth"].shape)
-        truth = np.asarray(t["truth"])
+        inst, truth = _instances((t["region"], t["boundary"], t["truth"]), params)
         fg, gt = inst > 0, truth > 0
         denom = fg.sum() + gt.sum()
         row = {"id": t["id"], "dataset": t["dataset"], "dice": float(2 * (fg & gt).sum() / denom) if denom else 1.0}
