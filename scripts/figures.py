@@ -11,6 +11,8 @@ overlays need PIL only.
     # (git-ignored): pictures of the data are never committed
     python scripts/figures.py qualitative --variant dshfn --fold 0 --run_dir runs/experiments/tnbc/dshfn/fold0 \\
         --dataset_dir ../shared/data/tnbc --out runs/figures/dshfn_fold0_val.png
+    # the long run's loss, validation and learning-rate curves (the model card)
+    python scripts/figures.py run-curve --curve docs/results/long_run/curve.csv --out docs/figures/long_run_curve.png
     # MoNuSeg cross-organ transfer matrix (paper Figure 5) from the committed per-image CSVs
     python scripts/figures.py transfer --results_dir docs/results/monuseg_transfer_cpu_40ep \\
         --out docs/figures/monuseg_transfer_heatmap.png
@@ -28,6 +30,7 @@ from bundle.research.experiments import RESOLUTIONS, VARIANTS  # noqa: E402
 from bundle.research.figures import (  # noqa: E402
     plot_curves,
     plot_metric_bars,
+    plot_training_curve,
     plot_transfer_heatmap,
     prediction_panels,
     qualitative_grid,
@@ -57,10 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--variant", default="dshfn")
     t.add_argument("--metric", default="dice", help="a per-image CSV column: dice, bf1, hd95, aji, pq, ...")
     t.add_argument("--out", required=True)
+    r = sub.add_parser("run-curve", help="one training run's curve.csv: loss terms, validation Dice/BF1, lr")
+    r.add_argument("--curve", required=True, help="<output_dir>/curve.csv of a training run")
+    r.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
     if args.command == "transfer":
         out = plot_transfer_heatmap(args.results_dir, args.out, args.variant, args.metric)
+    elif args.command == "run-curve":
+        out = plot_training_curve(args.curve, args.out)
     elif args.command == "curves":
         out = plot_curves(args.results_dir, args.variants, args.out)
     elif args.command == "bars":

@@ -149,13 +149,22 @@ def test_evaluate_alone_and_after_train_build_the_same_pipeline(tnbc_dir, tmp_pa
         net = parser.get_parsed_content("network_def")
         assert isinstance(net, DSHFN) and net.in_channels == 3
         chain = [type(t).__name__ for t in parser.get_parsed_content("validate#preprocessing").transforms]
-        assert chain[:3] == ["CopyItemsd", "LoadTiled", "CleanMaskd"]  # the native label, for native-size metrics
-        assert chain[3:] == [type(t).__name__ for t in merged.get_parsed_content("validate#preprocessing").transforms][3:]
+        assert chain[:2] == ["CopyItemsd", "LoadTiled"]  # the released label at the tile's size, not cleaned
+        assert chain[2:] == [type(t).__name__ for t in merged.get_parsed_content("validate#preprocessing").transforms][2:]
         assert "RandSpatialCropd" not in chain and "ToModelScaled" in chain
         handlers = parser.get_parsed_content("validate#handlers")
         loader = next(h for h in handlers if type(h).__name__ == "CheckpointLoader")
         assert loader.load_path == str(tmp_path / "models" / "model.pt")
         assert type(parser.get_parsed_content("validate#inferer")).__name__ == "SlidingWindowInferer"
+        # the nuclei a user gets: inference.json's watershed on the model-scale maps copied before binarisation
+        nuclei = next(h for h in handlers if type(h).__name__ == "InstanceMetricsHandler")
+        shipped = json.loads((CONFIGS / "inference.json").read_text())
+        assert nuclei.params.to_dict() == shipped["watershed"] and nuclei.pred_key == "maps"
+        assert nuclei.model_pixel_size == shipped["model_pixel_size"] == parser.get_parsed_content("model_pixel_size")
+        first = parser.get_parsed_content("validate#postprocessing").transforms[0]
+        assert type(first).__name__ == "CopyItemsd" and list(first.keys) == ["pred"] and list(first.names) == ["maps"]
+    off = _parser(["evaluate.json"], nuclei_metrics=False, **overrides).get_parsed_content("validate#handlers")
+    assert "InstanceMetricsHandler" not in [type(h).__name__ for h in off]
     eval_ids = [it["id"] for it in alone.get_parsed_content("eval_datalist")]
     assert eval_ids == [it["id"] for it in _parser(["train.json"], **overrides).get_parsed_content("val_datalist")]
     assert alone.get_parsed_content("eval_dir") == str(tmp_path / "eval" / "val_paper")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle.research.figures import plot_curves, plot_metric_bars, qualitative_grid
+from bundle.research.figures import plot_curves, plot_metric_bars, plot_training_curve, qualitative_grid
 
 
 def test_qualitative_grid_places_every_panel(tmp_path):
@@ -21,6 +21,15 @@ def test_qualitative_grid_places_every_panel(tmp_path):
         qualitative_grid([], tmp_path / "none.png")
 
 
+def _run_curve(path):
+    """A training run's curve.csv: validation every second epoch (empty cells between)."""
+    cols = "epoch,cpu_seconds,loss_seg,loss_edge,loss_glga,loss_total,lr,val_mean_dice,val_iou,val_bf1,val_hd95"
+    rows = [f"{e},300,{1 / e},{0.5 / e},{0.4 / e},{0.8 / e},{1e-3 / e}," + (f"{0.6 + e / 100},0.5,0.5,30" if e % 2 == 0
+                                                                          else ",,,") for e in range(1, 7)]
+    path.write_text(cols + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib (requirements-figures.txt) absent")
 def test_plots_from_results_folders(tmp_path):
     for variant, base in (("a", 0.8), ("b", 0.6)):
@@ -31,6 +40,7 @@ def test_plots_from_results_folders(tmp_path):
             with open(tmp_path / "res" / variant / f"fold{fold}_paper.csv", "w") as f:
                 f.write(f"id,dice,iou,bf1,hd95\nx,{base + fold / 10},0.5,0.5,3\n")
     for path in (plot_curves(tmp_path / "res", ["a", "b"], tmp_path / "curves.png", tags=("val_mean_dice",)),
-                 plot_metric_bars(tmp_path / "res", ["a", "b"], tmp_path / "bars.png")):
+                 plot_metric_bars(tmp_path / "res", ["a", "b"], tmp_path / "bars.png"),
+                 plot_training_curve(_run_curve(tmp_path / "curve.csv"), tmp_path / "run_curve.png")):
         img = np.asarray(Image.open(path))
         assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0

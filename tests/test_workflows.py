@@ -107,7 +107,7 @@ def test_default_run_id_also_trains(small_dataset, tmp_path):
 
 
 def test_evaluate_merged_after_train_writes_tables(trained):
-    out = trained["out"]
+    out, tables = trained["out"], {}
     for res in ("paper", "native"):
         log = run(bundle_cmd("evaluating", ["train.json", "evaluate.json"], *trained["args"], "--num_workers", "0",
                              "--eval_resolution", res))
@@ -123,6 +123,23 @@ def test_evaluate_merged_after_train_writes_tables(trained):
             assert all(0.0 <= v <= 1.0 for v in vals), (k, vals)
             assert summary[k]["mean"] == pytest.approx(np.mean(vals), rel=1e-5)  # CSV: 6 significant digits
         assert "Restored all variables" in log
+        tables[res] = {r["id"]: r for r in rows}
+    # the nuclei (inference.json's watershed on the model-scale maps, labels at the tile's size) do not depend on
+    # the resolution of the pixel metrics, and are scored as scripts/recipe.py scores them
+    from bundle.nuclei.watershed import WatershedParams
+    from bundle.research.recipe import evaluate_run
+
+    shipped = json.loads((ROOT / "configs" / "inference.json").read_text())["watershed"]
+    overrides = dict(zip((a.lstrip("-") for a in trained["args"][::2]), trained["args"][1::2]))
+    recipe = {r["id"]: r for r in evaluate_run([str(ROOT / "configs" / "train.json")], overrides,
+                                                out / "models" / "model.pt",
+                                                watershed=WatershedParams.from_dict(shipped))["tiles"]}
+    assert set(recipe) == set(tables["paper"]) == set(tables["native"])
+    for i, r in recipe.items():
+        for ours, theirs in (("nuclei_dice", "dice"), ("nuclei_bf1", "bf1"), ("nuclei_hd95", "hd95")):
+            for res in tables:
+                assert float(tables[res][i][ours]) == pytest.approx(r[theirs], rel=1e-5, abs=1e-6), (i, ours, res)
+        assert tables["paper"][i]["aji"] == "" and "aji" not in r  # TNBC labels are binary masks: no AJI
 
 
 def test_inference_folder_any_size_and_resume(trained, tnbc_dir, monuseg_dir, tmp_path):

@@ -53,6 +53,13 @@ def scale_factor(pixel_size: float, model_pixel_size: float = MODEL_PIXEL_SIZE) 
     return check_pixel_size(pixel_size) / check_pixel_size(model_pixel_size, "model_pixel_size")
 
 
+def model_shape(shape: Sequence[int], factor: float) -> tuple[int, int]:
+    """(h, w) of a tile of ``shape`` (..., H, W) resized by ``factor`` (:func:`scale_factor`), as
+    :class:`ToModelScaled` resizes it."""
+    h, w = shape[-2:]
+    return max(1, round(h * factor)), max(1, round(w * factor))
+
+
 class ToModelScaled(Resized):
     """Resize ``keys`` by ``pixel_size / model_pixel_size`` (anti-aliased bicubic by default); invertible.
 
@@ -79,10 +86,9 @@ class ToModelScaled(Resized):
     def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:
         d = dict(data)
         key = next(iter(self.key_iterator(d)))
-        h, w = d[key].shape[-2:]
         factor = self.factor
         if self.pixel_size_key is not None:
             factor = scale_factor(float(d[self.pixel_size_key]), self.model_pixel_size)
         # per call: each DataLoader worker owns its copy of the transform, so this is not shared state
-        self.resizer.spatial_size = (max(1, round(h * factor)), max(1, round(w * factor)))
+        self.resizer.spatial_size = model_shape(d[key].shape, factor)
         return super().__call__(d, lazy=lazy)

@@ -35,22 +35,13 @@ def _is_rank0() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
-def _gather_objects(value: Any) -> list[Any]:
+def gather_objects(value: Any) -> list[Any]:
     """Every rank's ``value`` in rank order (``[value]`` without torch.distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return [value]
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, value)
     return gathered
-
-
-def _gather_strings(values: list[str]) -> list[str]:
-    """All ranks' strings in rank order (identity without torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, values)
-    return [v for part in gathered for v in (part or [])]
 
 
 class MetricsTableWriter:
@@ -79,7 +70,7 @@ class MetricsTableWriter:
         self._names.extend(_filename(item, self.image_key) for item in outputs)
 
     def table(self, engine: Engine) -> tuple[list[str], dict[str, np.ndarray]]:
-        names = _gather_strings(self._names)
+        names = [name for part in gather_objects(self._names) for name in part]
         details = engine.state.metric_details
         keys = self.metrics if self.metrics is not None else list(details)
         columns = {}

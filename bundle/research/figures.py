@@ -78,6 +78,30 @@ def plot_curves(results_dir: str | os.PathLike, variants: Sequence[str], out_png
     return out
 
 
+def plot_training_curve(curve_csv: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """One run's ``curve.csv`` (:class:`bundle.engine.handlers.TrainingCurve`) against its CPU hours: the loss
+    terms, the validation Dice and BF1 (validated epochs only) and the learning rate, one panel each."""
+    plt = _pyplot()
+    c = read_curves(curve_csv)
+    hours = np.cumsum(c["cpu_seconds"]) / 3600
+    fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.4))
+    for tag in ("loss_total", "loss_seg", "loss_edge", "loss_glga"):
+        axes[0].plot(hours, c[tag], lw=1.5 if tag == "loss_total" else 0.9, label=tag)
+    for tag in ("val_mean_dice", "val_bf1"):
+        ok = np.isfinite(c[tag])
+        axes[1].plot(hours[ok], c[tag][ok], marker="o", ms=3, label=tag)
+    axes[2].plot(hours, c["lr"])
+    for ax, title in zip(axes, ("training loss", "validation (22 tiles, model scale)", "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel(f"CPU hours (epoch {int(c['epoch'][-1])} at {hours[-1]:.2f} h)" if ax is axes[1] else "CPU hours")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    out = _save(fig, out_png)
+    plt.close(fig)
+    return out
+
+
 def plot_metric_bars(results_dir: str | os.PathLike, variants: Sequence[str], out_png: str | os.PathLike,
                      resolution: str = "paper", metrics: Sequence[str] = ("dice", "iou", "bf1", "hd95")) -> Path:
     """Mean +- SD over folds of each fold's mean test metric, one panel per metric, one bar per variant."""

@@ -1,8 +1,8 @@
 """Choosing the training recipe on the validation split: one run's network scored as a user would see it.
 
 :func:`evaluate_run` builds the run's own configs (network, validation preprocessing, datasets and split), loads
-the run's final weights, predicts each validation tile at the model scale (MONAI ``SlidingWindowInferer``,
-Gaussian blending, as inference runs it), tunes the watershed on the instance-labelled validation tiles
+the run's final weights, predicts each validation tile at the model scale (the run's ``validate#inferer``, MONAI's
+``SlidingWindowInferer`` with Gaussian blending, as inference runs it), tunes the watershed on the instance-labelled validation tiles
 (:func:`bundle.research.tuning.tune_in_stages`, mean AJI; the size grid scaled to the model pixel size), and scores the
 nuclei at each tile's native resolution: Dice, AJI, PQ (instance labels only), BF1 (2 px) and HD95 of the
 foreground. Tuning and scoring use the same validation tiles for every candidate, so the comparison is fair;
@@ -27,16 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import SlidingWindowInferer
 
 from bundle.data.io import read_label, write_text_atomic
-from bundle.evaluation.instance import aji, panoptic_quality
-from bundle.evaluation.pixel import BoundaryF1Metric, HausdorffMetric
-from bundle.nuclei.watershed import (
-    WatershedParams,
-    instances_from_maps,
-    upsample_labels,
-)
+from bundle.data.scale import model_shape, scale_factor
+from bundle.engine.instance_eval import native_nuclei, nuclei_scores, unpad
+from bundle.evaluation.instance import aji
+from bundle.nuclei.watershed import WatershedParams
 from bundle.research.tuning import (
     SIZE_GRID,
     THRESHOLD_GRID,
@@ -59,11 +55,13 @@ def grid_index(prob: np.ndarray) -> float:
     return float(alt / step) if step > 0 else 0.0
 
 
-def predict_validation(parser: Any, network: torch.nn.Module, roi: Sequence[int]) -> list[dict[str, Any]]:
-    """Model-scale region and boundary maps of every validation tile, with its truth at native size."""
+def predict_validation(parser: Any, network: torch.nn.Module) -> list[dict[str, Any]]:
+    """Model-scale region and boundary maps of every validation tile (the chain's padding cut off), with its
+    truth at native size."""
     datalist = parser.get_parsed_content("val_datalist")
+    model_pixel_size = float(parser.get_parsed_content("model_pixel_size"))
     preprocess = parser.get_parsed_content("validate#preprocessing")
-    inferer = SlidingWindowInferer(tuple(roi), sw_batch_size=4, overlap=0.25, mode="gaussian", padding_mode="reflect")
+    inferer = parser.get_parsed_content("validate#inferer")
     network.eval()
     out = []
     for item in datalist:
@@ -71,39 +69,29 @@ def predict_validation(parser: Any, network: torch.nn.Module, roi: Sequence[int]
         with torch.no_grad():
             maps = inferer(torch.as_tensor(np.asarray(d["image"]))[None].float(), network)[0].numpy()
         truth = read_label(item["label"], kind=item["label_kind"])
+        maps = unpad(maps, model_shape(truth.shape, scale_factor(float(item["pixel_size"]), model_pixel_size)))
         out.append({"id": item["id"], "dataset": item["dataset"], "kind": item["label_kind"],
                     "region": maps[0], "boundary": maps[1], "truth": truth})
     return out
 
 
-def _boundary_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    p = torch.as_tensor(pred > 0)[None, None].float()
-    t = torch.as_tensor(truth > 0)[None, None].float()
-    bf1 = BoundaryF1Metric(tolerance=2.0)
-    hd = HausdorffMetric(percentile=95, include_background=True)
-    bf1(p, t)
-    hd(p, t)
-    return float(bf1.aggregate()), float(hd.aggregate())
-
-
 def _instances(tile: tuple[np.ndarray, np.ndarray, np.ndarray], params: WatershedParams) -> tuple[np.ndarray, np.ndarray]:
     region, boundary, truth = tile
-    return upsample_labels(instances_from_maps(region, boundary, params), np.shape(truth)), np.asarray(truth)
+    return native_nuclei(np.stack([region, boundary]), np.shape(truth), params), np.asarray(truth)
 
 
 def score_tiles(tiles: Sequence[Mapping[str, Any]], params: WatershedParams) -> list[dict[str, Any]]:
     """Per tile: nuclei from the maps (watershed ``params`` at model scale, labels resized to native) scored
-    against the truth at native size."""
+    against the truth at native size by :func:`bundle.engine.instance_eval.nuclei_scores`, as
+    ``configs/evaluate.json`` scores them; AJI and PQ for instance labels only."""
     rows = []
     for t in tiles:
         inst, truth = _instances((t["region"], t["boundary"], t["truth"]), params)
-        fg, gt = inst > 0, truth > 0
-        denom = fg.sum() + gt.sum()
-        row = {"id": t["id"], "dataset": t["dataset"], "dice": float(2 * (fg & gt).sum() / denom) if denom else 1.0}
-        row["bf1"], row["hd95"] = _boundary_scores(inst, truth)
+        scores = nuclei_scores(inst, truth, instances=t["kind"] == "instance")
+        row = {"id": t["id"], "dataset": t["dataset"], "dice": scores["nuclei_dice"], "bf1": scores["nuclei_bf1"],
+               "hd95": scores["nuclei_hd95"]}
         if t["kind"] == "instance":
-            row["aji"] = aji(inst, truth)
-            row["pq"] = panoptic_quality(inst, truth).pq
+            row["aji"], row["pq"] = scores["aji"], scores["pq"]
         row["grid_index"] = grid_index(t["region"])
         row["nuclei"] = int(inst.max())
         rows.append(row)
@@ -130,7 +118,7 @@ def evaluate_run(config_files: Sequence[str], overrides: Mapping[str, Any], weig
     network = parser.get_parsed_content("network_def")
     state = torch.load(weights, map_location="cpu", weights_only=True)
     network.load_state_dict(state["network"] if "network" in state else state)  # checkpoint.pt or model.pt
-    tiles = predict_validation(parser, network, parser.get_parsed_content("spatial_size"))
+    tiles = predict_validation(parser, network)
     factor = 0.5 / float(parser.get_parsed_content("model_pixel_size"))  # the size grid is in 0.5 um/px pixels
     sizes = scaled_grid(SIZE_GRID, factor)
     base = WatershedParams(min_size=round(8 * factor**2), min_marker_size=round(8 * factor**2))
