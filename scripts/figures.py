@@ -13,6 +13,7 @@ overlays need PIL only.
         --dataset_dir ../shared/data/tnbc --out runs/figures/dshfn_fold0_val.png
     # the long run's loss, validation and learning-rate curves (the model card)
     python scripts/figures.py run-curve --curve docs/results/long_run/curve.csv --out docs/figures/long_run_curve.png
+    python scripts/figures.py run-curve --curve docs/results/long_run/curve.csv --table  # its Markdown table
     # MoNuSeg cross-organ transfer matrix (paper Figure 5) from the committed per-image CSVs
     python scripts/figures.py transfer --results_dir docs/results/monuseg_transfer_cpu_40ep \\
         --out docs/figures/monuseg_transfer_heatmap.png
@@ -34,6 +35,7 @@ from bundle.research.figures import (  # noqa: E402
     plot_transfer_heatmap,
     prediction_panels,
     qualitative_grid,
+    training_curve_table,
 )
 
 
@@ -62,12 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True)
     r = sub.add_parser("run-curve", help="one training run's curve.csv: loss terms, validation Dice/BF1, lr")
     r.add_argument("--curve", required=True, help="<output_dir>/curve.csv of a training run")
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", help="the PNG to write")
+    r.add_argument("--table", action="store_true", help="print the card's Markdown table of the curve instead")
     args = parser.parse_args(argv)
 
     if args.command == "transfer":
         out = plot_transfer_heatmap(args.results_dir, args.out, args.variant, args.metric)
     elif args.command == "run-curve":
+        if args.table:
+            print(training_curve_table(args.curve), end="")
+            return 0
+        if not args.out:
+            parser.error("run-curve needs --out (or --table)")
         out = plot_training_curve(args.curve, args.out)
     elif args.command == "curves":
         out = plot_curves(args.results_dir, args.variants, args.out)

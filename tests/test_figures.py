@@ -44,3 +44,12 @@ def test_plots_from_results_folders(tmp_path):
                  plot_training_curve(_run_curve(tmp_path / "curve.csv"), tmp_path / "run_curve.png")):
         img = np.asarray(Image.open(path))
         assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0
+
+
+def test_training_curve_table_rows_by_hand(tmp_path):
+    from bundle.research.figures import training_curve_table
+
+    lines = training_curve_table(_run_curve(tmp_path / "curve.csv"), every=4).splitlines()
+    # validated epochs 2, 4, 6: every 4th (4) and the last (6); CPU hours = epochs x 300 s / 3600
+    assert lines[2:] == ["| 4 | 0.33 | 0.200 | 0.640 | 0.500 | 30.0 |", "| 6 | 0.50 | 0.133 | 0.660 | 0.500 | 30.0 |"]
+    assert len(training_curve_table(tmp_path / "curve.csv", every=2).splitlines()) == 2 + 3

@@ -102,6 +102,21 @@ def plot_training_curve(curve_csv: str | os.PathLike, out_png: str | os.PathLike
     return out
 
 
+def training_curve_table(curve_csv: str | os.PathLike, every: int = 4) -> str:
+    """Markdown table of one run's ``curve.csv``: every ``every``-th validated epoch and the last one, with the
+    CPU hours so far, the epoch's mean training loss and the validation Dice, BF1 and HD95."""
+    c = read_curves(curve_csv)
+    hours = np.cumsum(c["cpu_seconds"]) / 3600
+    validated = [i for i in range(len(c["epoch"])) if np.isfinite(c["val_mean_dice"][i])]
+    rows = [i for i in validated if int(c["epoch"][i]) % every == 0]
+    if validated and validated[-1] not in rows:
+        rows.append(validated[-1])
+    lines = ["| epoch | CPU hours | train loss | val Dice | val BF1 | val HD95 (px) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {int(c['epoch'][i])} | {hours[i]:.2f} | {c['loss_total'][i]:.3f} | {c['val_mean_dice'][i]:.3f} | "
+              f"{c['val_bf1'][i]:.3f} | {c['val_hd95'][i]:.1f} |" for i in rows]
+    return "\n".join(lines) + "\n"
+
+
 def plot_metric_bars(results_dir: str | os.PathLike, variants: Sequence[str], out_png: str | os.PathLike,
                      resolution: str = "paper", metrics: Sequence[str] = ("dice", "iou", "bf1", "hd95")) -> Path:
     """Mean +- SD over folds of each fold's mean test metric, one panel per metric, one bar per variant."""
