@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.handlers import MeanDice
 
-from bundle.data.scale import ToModelScaled, scale_factor
+from bundle.data.scale import MODEL_PIXEL_SIZE, ToModelScaled, scale_factor
 from bundle.engine.tables import MetricsTableWriter
 from bundle.evaluation.pixel import (
     HausdorffHandler,
@@ -21,6 +22,8 @@ from bundle.evaluation.pixel import (
 )
 from bundle.inference.writers import probability_to_uint8
 from bundle.nuclei.binarize import BinarizeChannel, BinarizeChanneld
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_binarize_channel_selects_and_thresholds():
@@ -36,15 +39,22 @@ def test_binarize_channel_selects_and_thresholds():
 
 
 def test_scale_contract_and_exact_inverse():
-    assert scale_factor(0.25) == 0.5 and scale_factor(0.5) == 1.0
+    assert scale_factor(0.25, 0.5) == 0.5 and scale_factor(0.5, 0.5) == 1.0
     with pytest.raises(ValueError):
         scale_factor(0)
-    t = ToModelScaled("image", pixel_size=0.25)
+    t = ToModelScaled("image", pixel_size=0.25, model_pixel_size=0.5)
     img = MetaTensor(torch.rand(1, 601, 333))
     out = t({"image": img})
     assert out["image"].shape[-2:] == (300, 166)  # round(601 * 0.5), round(333 * 0.5)
     back = t.inverse(out)
     assert back["image"].shape[-2:] == (601, 333)
+
+
+def test_function_default_scale_is_the_shipped_configs():
+    """A Python user who leaves model_pixel_size out gets the scale the shipped weights were trained at."""
+    for name in ("train.json", "inference.json"):
+        assert json.loads((ROOT / "configs" / name).read_text())["model_pixel_size"] == MODEL_PIXEL_SIZE
+    assert scale_factor(MODEL_PIXEL_SIZE) == 1.0
 
 
 def test_probability_to_uint8_rounds_and_clips():

@@ -117,7 +117,8 @@ def test_slide_mode_one_geojson_in_level0_pixels_deduplicated(monuseg_slide, tmp
     results = {}
     for name, chunk in (("chunked", 384), ("whole", 4096)):
         out = tmp_path / name
-        summary = segment_slide(path, out, predictor, REF, level=1, roi=64, chunk=chunk, halo=24, post_chunk=300)
+        summary = segment_slide(path, out, predictor, REF, level=1, model_pixel_size=0.5, roi=64, chunk=chunk, halo=24,
+                                post_chunk=300)  # level 1 at the model scale: 9 chunks of 384 px
         assert sorted(p.name for p in out.iterdir()) == ["mosaic.geojson", "mosaic_nuclei.csv", "mosaic_summary.json"]
         results[name] = (summary, json.loads((out / "mosaic.geojson").read_text()))
     (s_chunk, geo), (s_whole, geo_whole) = results["chunked"], results["whole"]

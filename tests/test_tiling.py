@@ -43,6 +43,8 @@ from bundle.model.network import DSHFN
 from bundle.nuclei.watershed import WatershedParams
 
 REF = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
+#: model scale the synthetic disks, chunks and counts below are sized for (um/px)
+MODEL = 0.5
 BACKGROUND, NUCLEUS = (225, 190, 215), (90, 40, 130)
 
 
@@ -122,8 +124,8 @@ def test_resample_matrix_equals_torch_interpolate(n_in, n_out, mode):
 @pytest.mark.parametrize("shape,pixel_size", [((600, 520), 0.25), ((333, 401), 0.31), ((200, 260), 0.7)])
 def test_to_model_scale_equals_monai_resize_and_chunks_equal_whole(shape, pixel_size):
     gray = (np.random.default_rng(2).random(shape) * 255).astype(np.float32)
-    expected = ToModelScaled("image", pixel_size=pixel_size)({"image": torch.from_numpy(gray)[None]})["image"][0].numpy()
-    f = pixel_size / 0.5
+    expected = ToModelScaled("image", pixel_size=pixel_size, model_pixel_size=MODEL)({"image": torch.from_numpy(gray)[None]})["image"][0].numpy()
+    f = pixel_size / MODEL
     (h, w), (hm, wm) = shape, (model_size(shape[0], f), model_size(shape[1], f))
     whole = to_model_scale(gray, (0, h), (0, w), (0, hm), (0, wm), (h, w), (hm, wm))
     assert whole.shape == expected.shape
@@ -175,7 +177,7 @@ def test_colour_input_chunks_equal_the_training_chain_on_the_whole_image(monuseg
     full = np.asarray(ModelInput(mode)(norm))
     np.testing.assert_allclose(stats.input_mean, full.reshape(len(full), -1).mean(1), atol=2e-3)
     # the training chain: RGB resized to model scale (ToModelScaled), then converted and standardised
-    scaled = ToModelScaled("image", pixel_size=0.25, model_pixel_size=0.5)({"image": torch.from_numpy(norm)})["image"]
+    scaled = ToModelScaled("image", pixel_size=0.25, model_pixel_size=MODEL)({"image": torch.from_numpy(norm)})["image"]
     x = np.asarray(ModelInput(mode)(np.asarray(scaled)))
     x = (x - np.asarray(stats.input_mean)[:, None, None]) / np.asarray(stats.input_std)[:, None, None]
     with torch.no_grad():
@@ -246,7 +248,7 @@ def _border_disks(shape, chunk_native, radius):
 
 @pytest.mark.parametrize("pixel_size,post_scale", [(0.25, "model"), (0.5, "model"), (0.25, "native")])
 def test_nuclei_on_chunk_borders_are_neither_duplicated_nor_cut(pixel_size, post_scale, tmp_path):
-    f = pixel_size / 0.5
+    f = pixel_size / MODEL
     shape = (304, 336)
     chunk = 48  # model px; cores are 48 px at model scale = 48 / f native px
     centres = _border_disks(shape, round(chunk / f), radius=7)
@@ -257,7 +259,7 @@ def test_nuclei_on_chunk_borders_are_neither_duplicated_nor_cut(pixel_size, post
     for name, kw in {"chunked": dict(chunk=chunk, halo=16, post_chunk=40, post_halo=20),
                      "whole": dict(chunk=1000, halo=16, post_chunk=1000)}.items():
         out = TileOutputs(tmp_path / name, "syn", shape, formats=("png",))
-        summary = segment_image(source, predictor, out, REF, pixel_size, roi=32, post_scale=post_scale, **kw)
+        summary = segment_image(source, predictor, out, REF, pixel_size, MODEL, roi=32, post_scale=post_scale, **kw)
         out.close(source)
         runs[name] = (summary, out.labels.astype(np.int64))
     (s_chunk, chunked), (s_whole, whole) = runs["chunked"], runs["whole"]
@@ -277,7 +279,7 @@ def test_tile_outputs_are_consistent_and_atomic(tmp_path):
     rgb, truth = disks_image((190, 200), centres, 9)
     out = TileOutputs(tmp_path, "t", truth.shape, formats=("png", "tiff", "geojson", "csv", "overlay"))
     predictor = SlidingWindowPredictor(DarkIsNucleus(), roi_size=32, sw_batch_size=8, overlap=0.25)
-    summary = segment_image(ArraySource(rgb), predictor, out, REF, 0.5, roi=32, chunk=48, halo=16, post_chunk=64)
+    summary = segment_image(ArraySource(rgb), predictor, out, REF, 0.5, MODEL, roi=32, chunk=48, halo=16, post_chunk=64)
     paths = out.close(ArraySource(rgb))
     assert summary["nuclei"] == len(centres)
     labels = np.asarray(Image.open(paths["png"]))
@@ -322,7 +324,7 @@ def test_memory_is_bounded_by_the_chunk_not_the_image():
 
         tracemalloc.start()
         sink = Counter()
-        segment_image(source, predictor, sink, REF, 0.5, roi=32, chunk=64, halo=16, post_chunk=64, stats=stats)
+        segment_image(source, predictor, sink, REF, 0.5, MODEL, roi=32, chunk=64, halo=16, post_chunk=64, stats=stats)
         peaks[side] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert sink.nuclei == len(centres)
@@ -355,7 +357,7 @@ def test_glass_chunks_skip_the_network_and_statistics_ignore_glass():
             self.nuclei += block.count
 
     sink = Count()
-    summary = segment_image(ArraySource(rgb), predictor, sink, REF, 0.5, roi=32, chunk=96, halo=16, tissue_only=True)
+    summary = segment_image(ArraySource(rgb), predictor, sink, REF, 0.5, MODEL, roi=32, chunk=96, halo=16, tissue_only=True)
     assert summary["chunks"] == 12 and summary["skipped_chunks"] == 6 and sink.nuclei == len(centres)
     tissue = image_statistics(ArraySource(rgb), REF, tissue_only=True)
     assert tissue.lab_mean == pytest.approx(image_statistics(ArraySource(rgb[:, :128]), REF).lab_mean, abs=1e-3)
@@ -372,7 +374,7 @@ def test_large_tiles_get_tiled_tiff_label_map_and_overlay(monkeypatch, tmp_path)
     rgb, truth = disks_image((300, 330), centres, 8)
     out = TileOutputs(tmp_path, "big", truth.shape, formats=("png", "overlay", "geojson"))
     predictor = SlidingWindowPredictor(DarkIsNucleus(), roi_size=32, sw_batch_size=32, overlap=0.25)
-    segment_image(ArraySource(rgb), predictor, out, REF, 0.5, chunk=96, halo=16)
+    segment_image(ArraySource(rgb), predictor, out, REF, 0.5, MODEL, chunk=96, halo=16)
     paths = out.close(ArraySource(rgb), tile=128)
     assert sorted(paths) == ["geojson", "overlay", "tiff"] and paths["overlay"].suffix == ".tif"
     labels = tifffile.imread(paths["tiff"])

@@ -60,3 +60,25 @@ def test_resumed_run_replaces_rows_from_its_epoch(tmp_path):
     rows = read(tmp_path / "curve.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write leaves no temp file
+
+
+def test_learning_rate_is_the_one_each_epoch_trained_with():
+    """With an epoch-level scheduler stepping first (as in train.json), the logged rate is the rate the optimizer
+    used during that epoch, not the next epoch's: checked against the rate seen at every iteration."""
+    import torch
+    from monai.handlers import LrScheduleHandler
+
+    from bundle.engine.handlers import LearningRateLogger
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=3, eta_min=0.0)
+    trainer = Engine(lambda e, b: None)
+    used, logged = {}, {}
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: used.setdefault(e.state.epoch, opt.param_groups[0]["lr"]))
+    LrScheduleHandler(sched, print_lr=False).attach(trainer)
+    LearningRateLogger(opt).attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: logged.__setitem__(e.state.epoch, e.state.metrics["lr"]))
+    trainer.run([0, 1], max_epochs=4)
+    assert logged == used
+    assert logged[1] == 1.0 and logged[4] == 1.0  # warm restart after 3 epochs
+    assert 0.0 < logged[3] < logged[2] < 1.0

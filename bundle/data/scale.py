@@ -1,7 +1,7 @@
 """The scale the network works at: pixel-size checks and the resize of a tile to the model scale.
 
-The network works at a fixed pixel size, the config's ``model_pixel_size`` (0.25 um/px for the shipped weights;
-:data:`MODEL_PIXEL_SIZE`, 0.5, is only the functions' default). A tile of pixel size ``p`` is resized by
+The network works at a fixed pixel size, the config's ``model_pixel_size``; :data:`MODEL_PIXEL_SIZE`, the functions'
+default, is the shipped weights' 0.25 um/px. A tile of pixel size ``p`` is resized by
 ``p / model_pixel_size`` before the network pass (:class:`ToModelScaled`, the transform of the training chain; the
 inference engine computes the same resize chunk by chunk, :mod:`bundle.inference.chunks`).
 """
@@ -19,8 +19,8 @@ from bundle.data.io import DataError
 
 logger = logging.getLogger(__name__)
 
-#: default model pixel size of the functions here (um/px); the configs set ``model_pixel_size`` (0.25 when shipped)
-MODEL_PIXEL_SIZE = 0.5
+#: um/px the shipped weights work at: the functions' default, as ``model_pixel_size`` is the configs'
+MODEL_PIXEL_SIZE = 0.25
 #: micrometres per pixel assumed for input tiles unless told otherwise (40x scanners: 0.23-0.26)
 DEFAULT_PIXEL_SIZE = 0.25
 

@@ -183,18 +183,27 @@ class ResumableCheckpoint:
 
 
 class LearningRateLogger:
-    """Put the optimizer's current learning rate into ``engine.state.metrics["lr"]`` each epoch, where MONAI's
-    ``StatsHandler``/``TensorBoardStatsHandler`` (registered after this) log it with the other scalars."""
+    """Put the learning rate an epoch trained with into ``engine.state.metrics["lr"]`` at its end, where MONAI's
+    ``StatsHandler``/``TensorBoardStatsHandler`` (registered after this) log it with the other scalars.
+
+    The rate is read when the epoch starts: an epoch-level ``LrScheduleHandler`` has already stepped to the next
+    epoch's rate by the time the epoch-completed handlers run.
+    """
 
     def __init__(self, optimizer: torch.optim.Optimizer, name: str = "lr") -> None:
         self.optimizer = optimizer
         self.name = name
+        self._lr = float("nan")
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._read)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
+    def _read(self, engine: Engine) -> None:
+        self._lr = float(self.optimizer.param_groups[0]["lr"])
+
     def __call__(self, engine: Engine) -> None:
-        engine.state.metrics[self.name] = float(self.optimizer.param_groups[0]["lr"])
+        engine.state.metrics[self.name] = self._lr
 
 
 class TrainingBudget:

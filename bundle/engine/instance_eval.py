@@ -23,10 +23,14 @@ import torch
 from ignite.engine import Engine, Events
 
 from bundle.data.scale import model_shape, scale_factor
-from bundle.engine.tables import gather_objects
+from bundle.engine.distributed import gather_objects
 from bundle.evaluation.instance import instance_metrics
 from bundle.evaluation.pixel import BoundaryF1Metric, HausdorffMetric
-from bundle.nuclei.watershed import WatershedParams, instances_from_output, upsample_labels
+from bundle.nuclei.watershed import (
+    WatershedParams,
+    instances_from_output,
+    upsample_labels,
+)
 
 __all__ = ["FOREGROUND_METRICS", "INSTANCE_METRICS", "InstanceMetricsHandler", "native_nuclei", "nuclei_scores",
            "unpad"]

@@ -11,14 +11,16 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
 from bundle.data.io import tile_id, write_text_atomic
+from bundle.engine.distributed import gather_objects, is_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +31,6 @@ def _filename(item: dict, key: str = "image") -> str:
     if name is None:
         raise KeyError(f"no 'filename_or_obj' in the metadata of '{key}': load tiles with bundle.data.transforms.LoadTiled")
     return str(name[0] if isinstance(name, (list, tuple)) else name)
-
-
-def _is_rank0() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
-def gather_objects(value: Any) -> list[Any]:
-    """Every rank's ``value`` in rank order (``[value]`` without torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [value]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
 
 
 class MetricsTableWriter:
@@ -85,7 +74,7 @@ class MetricsTableWriter:
 
     def write(self, engine: Engine) -> None:
         names, columns = self.table(engine)
-        if not _is_rank0():
+        if not is_rank0():
             return
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")

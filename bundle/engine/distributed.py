@@ -1,0 +1,36 @@
+"""The few torch.distributed steps the workflows share; each is a no-op in a single process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def is_rank0() -> bool:
+    """True in a single process and on rank 0 of a process group."""
+    return not _active() or torch.distributed.get_rank() == 0
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` in rank order (``[value]`` without torch.distributed)."""
+    if not _active():
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def shutdown() -> None:
+    """Destroy the default process group once every rank has finished its work (the workflows' ``finalize``).
+
+    The barrier keeps a rank from tearing down its gloo connections while another still writes its outputs; a
+    rank that exits early has been seen to abort its peer's teardown on CPU.
+    """
+    if _active():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,28 @@
+"""bundle.engine.distributed in one process: without a process group and inside a one-rank gloo group (the
+multi-process path runs in tests/test_workflows.py under torchrun)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from bundle.engine.distributed import gather_objects, is_rank0, shutdown
+
+
+def test_without_a_process_group():
+    assert not dist.is_initialized()
+    assert is_rank0()
+    assert gather_objects({"a": 1}) == [{"a": 1}]
+    shutdown()  # nothing to destroy: no error
+    assert not dist.is_initialized()
+
+
+def test_one_rank_group_gathers_and_is_destroyed(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized() and is_rank0()
+        assert gather_objects(["x", 2]) == [["x", 2]]
+        shutdown()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
