@@ -1,11 +1,11 @@
-"""bundle.engine.distributed in one process: without a process group and inside a one-rank gloo group (the
+"""bundle.distributed in one process: without a process group and inside a one-rank gloo group (the
 multi-process path runs in tests/test_workflows.py under torchrun)."""
 
 from __future__ import annotations
 
 import torch.distributed as dist
 
-from bundle.engine.distributed import gather_objects, is_rank0, shutdown
+from bundle.distributed import gather_objects, is_rank0, shutdown
 
 
 def test_without_a_process_group():

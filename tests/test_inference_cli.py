@@ -91,6 +91,11 @@ def test_inference_config_folder_mode_reports_bad_tiles_and_resumes(ckpt, tnbc_d
     assert (summary["images_done"], summary["images_skipped"], summary["images_failed"]) == (0, 2, 1)
     assert "2 of 3 images already have their outputs" in log and "c.png: skipped" in log
     assert (out / "a.geojson").stat().st_mtime_ns == before
+    # "--skip_existing false" reaches the engine as the string 'false' (fire): it must redo every tile
+    bundle_run(*args, "--skip_existing", "false")
+    summary = json.loads((out / "segment_summary.json").read_text())
+    assert (summary["images_done"], summary["images_skipped"], summary["images_failed"]) == (2, 0, 1)
+    assert (out / "a.geojson").stat().st_mtime_ns > before
 
 
 def test_inference_config_under_torchrun_processes_every_tile_once(ckpt, tnbc_dir, tmp_path):

@@ -18,6 +18,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.engines.utils import IterationEvents
 
+from bundle.cli import as_flag
 from bundle.data.io import atomic_write
 from bundle.model.losses import DSHFNLoss
 from bundle.nuclei.overlays import contour_overlay
@@ -136,7 +137,7 @@ class ResumableCheckpoint:
         self.save_dict = dict(save_dict)
         if validator is not None:
             self.save_dict["validator_best"] = _ValidatorBest(validator)
-        self.resume = resume
+        self.resume = as_flag(resume, "resume")
         self.map_location = map_location
 
     def _objects(self, engine: Engine) -> dict[str, Any]:

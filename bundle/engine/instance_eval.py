@@ -23,7 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from bundle.data.scale import model_shape, scale_factor
-from bundle.engine.distributed import gather_objects
+from bundle.distributed import gather_objects
 from bundle.evaluation.instance import instance_metrics
 from bundle.evaluation.pixel import BoundaryF1Metric, HausdorffMetric
 from bundle.nuclei.watershed import (

@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from bundle.data.io import tile_id, write_text_atomic
-from bundle.engine.distributed import gather_objects, is_rank0
+from bundle.distributed import gather_objects, is_rank0
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,10 @@ import torch
 from monai.data import partition_dataset
 from monai.inferers import SlidingWindowInferer
 
+from bundle.cli import as_flag
 from bundle.data.io import DataError, load_weights, tile_id, write_text_atomic
 from bundle.data.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, check_pixel_size
+from bundle.distributed import gather_objects
 from bundle.inference.chunks import SlidingWindowPredictor, default_inferer
 from bundle.inference.files import output_files, tiles_for_run
 from bundle.inference.pipeline import peak_rss_mib, segment_image
@@ -32,7 +34,7 @@ from bundle.nuclei.watershed import WatershedParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NucleiSegmenter", "load_segmenter", "check_settings", "DONE_SUFFIX", "SUMMARY_FILE", "DEFAULT_FORMATS"]
+__all__ = ["DEFAULT_FORMATS", "DONE_SUFFIX", "SUMMARY_FILE", "NucleiSegmenter", "check_settings", "load_segmenter"]
 
 #: per-image resume marker, written after every other output of the image
 DONE_SUFFIX = "_summary.json"
@@ -51,14 +53,6 @@ def _rank_and_size() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _gather(value: Any) -> list[Any]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        parts: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, value)
-        return parts
-    return [value]
 
 
 def check_settings(
@@ -149,8 +143,8 @@ class NucleiSegmenter:
         self.watershed = watershed if isinstance(watershed, WatershedParams) else WatershedParams.from_dict(watershed or {})
         self.post_scale, self.formats, self.threshold = str(post_scale), tuple(formats), float(threshold)
         self.chunk, self.halo, self.post_chunk = int(chunk), int(halo), int(post_chunk)
-        self.level, self.slide, self.amp = int(level), slide, bool(amp)
-        self.resume, self.progress = bool(resume), bool(progress)
+        self.level, self.slide, self.amp = int(level), slide, as_flag(amp, "amp")
+        self.resume, self.progress = as_flag(resume, "resume"), as_flag(progress, "progress")
         self._predictor: SlidingWindowPredictor | None = None
 
     # -- which images, which outputs ----------------------------------------------------------------------------
@@ -256,7 +250,7 @@ class NucleiSegmenter:
             done.append(tile_id(path))
             nuclei += summary["nuclei"]
             logger.info(f"{path}: {summary['nuclei']} nuclei in {summary['seconds']} s ({summary['chunks']} chunks)")
-        parts = _gather({"done": done, "failed": failed, "nuclei": nuclei})
+        parts = gather_objects({"done": done, "failed": failed, "nuclei": nuclei})
         nuclei_now = sum(p["nuclei"] for p in parts)
         result = {
             "images_done": sum(len(p["done"]) for p in parts),

@@ -1,4 +1,5 @@
-"""The few torch.distributed steps the workflows share; each is a no-op in a single process."""
+"""The few torch.distributed steps the engine handlers, the inference engine and the DDP configs' ``finalize``
+share; each is a no-op in a single process. Imports only torch."""
 
 from __future__ import annotations
 
