@@ -20,6 +20,7 @@ from monai.engines.utils import IterationEvents
 
 from bundle.cli import as_flag
 from bundle.data.io import atomic_write
+from bundle.distributed import is_rank0
 from bundle.model.losses import DSHFNLoss
 from bundle.nuclei.overlays import contour_overlay
 
@@ -156,7 +157,7 @@ class ResumableCheckpoint:
 
     def save(self, engine: Engine) -> None:
         # every rank loads (so all resume together) but only rank 0 writes
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        if not is_rank0():
             return
         atomic_torch_save({k: v.state_dict() for k, v in self._objects(engine).items()}, self.save_path)
 

@@ -24,7 +24,7 @@ from monai.inferers import SlidingWindowInferer
 from bundle.cli import as_flag
 from bundle.data.io import DataError, load_weights, tile_id, write_text_atomic
 from bundle.data.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, check_pixel_size
-from bundle.distributed import gather_objects
+from bundle.distributed import gather_objects, rank_and_size
 from bundle.inference.chunks import SlidingWindowPredictor, default_inferer
 from bundle.inference.files import output_files, tiles_for_run
 from bundle.inference.pipeline import peak_rss_mib, segment_image
@@ -47,12 +47,6 @@ SLIDE_FORMATS = ("geojson", "csv")
 
 def _square(roi: int | Sequence[int]) -> int:
     return int(roi) if isinstance(roi, int) else int(roi[0])
-
-
-def _rank_and_size() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def check_settings(
@@ -226,7 +220,7 @@ class NucleiSegmenter:
         todo = [t for t in tiles if t not in earlier]
         if earlier:
             logger.info(f"{len(earlier)} of {len(tiles)} images already have their outputs in {output_dir}: skipped")
-        rank, world_size = _rank_and_size()
+        rank, world_size = rank_and_size()
         mine = partition_dataset(todo, num_partitions=world_size, shuffle=False, even_divisible=False)[rank] if todo else []
         if todo:
             self.predictor()  # a bad checkpoint stops the run here, with one line
