@@ -17,16 +17,23 @@ overlays need PIL only.
     # MoNuSeg cross-organ transfer matrix (paper Figure 5) from the committed per-image CSVs
     python scripts/figures.py transfer --results_dir docs/results/monuseg_transfer_cpu_40ep \\
         --out docs/figures/monuseg_transfer_heatmap.png
+    # where touching nuclei merge (validation split, shipped weights): counts, and the 3 worst tiles' maps
+    python scripts/figures.py separation --data_root ../shared/data --out docs/figures/separation_worst.png \\
+        --json docs/results/separation/shipped.json
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from bundle.data.io import write_text_atomic  # noqa: E402
+from bundle.nuclei.watershed import WatershedParams  # noqa: E402
 from bundle.research.experiments import RESOLUTIONS, VARIANTS  # noqa: E402
 from bundle.research.figures import (  # noqa: E402
     plot_curves,
@@ -37,6 +44,7 @@ from bundle.research.figures import (  # noqa: E402
     qualitative_grid,
     training_curve_table,
 )
+from bundle.research.separation import diagnose_weights  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +74,32 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--curve", required=True, help="<output_dir>/curve.csv of a training run")
     r.add_argument("--out", help="the PNG to write")
     r.add_argument("--table", action="store_true", help="print the card's Markdown table of the curve instead")
+    s = sub.add_parser("separation", help="where touching nuclei merge, on the validation split: touching pairs "
+                       "merged with or without a boundary between them, and the worst tiles drawn")
+    s.add_argument("--weights", default=str(ROOT / "models" / "model.pt"))
+    s.add_argument("--data_root", required=True, help="folder holding tnbc/, monuseg/, consep/")
+    s.add_argument("--config_file", nargs="+", default=[str(ROOT / "configs" / "train.json")],
+                   help="training config(s) of the weights")
+    s.add_argument("--instance_head", help="override the config's instance_head (the weights' head)")
+    s.add_argument("--out", required=True, help="the PNG of the worst tiles")
+    s.add_argument("--json", help="write the per-tile and summed counts here")
+    s.add_argument("--data_pixels", action="store_true",
+                   help="also draw the H&E image and true contours (for a local look: never commit such a figure)")
     args = parser.parse_args(argv)
 
-    if args.command == "transfer":
+    if args.command == "separation":
+        overrides = {"data_root": str(Path(args.data_root).resolve())}
+        if args.instance_head:
+            overrides["instance_head"] = args.instance_head
+        inference = json.loads((ROOT / "configs" / "inference.json").read_text())
+        res = diagnose_weights(args.config_file, overrides, args.weights,
+                               WatershedParams.from_dict(inference["watershed"]), args.out,
+                               data_pixels=args.data_pixels)
+        if args.json:
+            write_text_atomic(args.json, json.dumps(res, indent=2) + "\n")
+        print(json.dumps({k: res[k] for k in ("overall", "per_dataset", "worst")}, indent=2))
+        out = Path(args.out)
+    elif args.command == "transfer":
         out = plot_transfer_heatmap(args.results_dir, args.out, args.variant, args.metric)
     elif args.command == "run-curve":
         if args.table:

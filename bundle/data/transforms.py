@@ -63,6 +63,7 @@ from skimage.color import lab2rgb, rgb2lab
 from skimage.morphology import remove_small_objects
 from skimage.segmentation import find_boundaries
 
+from bundle.data.instance_targets import INSTANCE_TARGETS, instance_target
 from bundle.data.io import IMAGE_SUFFIXES, read_image, read_label_and_kind
 
 __all__ = [
@@ -433,6 +434,10 @@ class NucleiTargetsd(MapTransform):
     masks, whose merged blobs hide the borders between touching nuclei (:class:`bundle.model.losses.DSHFNLoss` then
     trains the boundary decoder on instance-labelled tiles only and the region decoder on all). Training on
     binary masks alone, set ``binary_weight=1`` so the boundary decoder learns the blob contours.
+
+    ``instance_target``: ``"hv"`` or ``"distance"`` (:mod:`bundle.data.instance_targets`) appends, after the
+    boundary weight (1 everywhere without ``kind_key``), the instance weight (1 for instance labels, always 0 for
+    binary masks: their blobs are not nuclei) and the target's 2 or 1 channels (zeros for binary masks).
     """
 
     def __init__(
@@ -443,21 +448,34 @@ class NucleiTargetsd(MapTransform):
         width: int = 1,
         kind_key: str | None = None,
         binary_weight: float = 0.0,
+        instance_target: str = "none",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if instance_target not in INSTANCE_TARGETS:
+            raise ValueError(f"NucleiTargetsd: instance_target must be one of {list(INSTANCE_TARGETS)}, got {instance_target!r}")
         self.targets = NucleiTargets(mode, connectivity, width)
         self.kind_key = kind_key
         self.binary_weight = float(binary_weight)
+        self.instance_target = instance_target
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             target = self.targets(d[key])
-            if self.kind_key is not None:
-                if self.kind_key not in d:
-                    raise KeyError(f"NucleiTargetsd: item has no {self.kind_key!r} (instance or binary); keys: {sorted(map(str, d))}")
-                weight = target[:1] * 0 + (self.binary_weight if d[self.kind_key] == "binary" else 1.0)
-                target = torch.cat([target, weight]) if isinstance(target, torch.Tensor) else np.concatenate([target, weight])
+            if self.kind_key is not None and self.kind_key not in d:
+                raise KeyError(f"NucleiTargetsd: item has no {self.kind_key!r} (instance or binary); keys: {sorted(map(str, d))}")
+            binary = self.kind_key is not None and d[self.kind_key] == "binary"
+            extra = []
+            if self.kind_key is not None or self.instance_target != "none":
+                extra.append(np.full((1, *target.shape[1:]), self.binary_weight if binary else 1.0, np.float32))
+            if self.instance_target != "none":
+                ids = np.rint(_as_numpy(d[key])[0]).astype(np.int64)
+                inst = instance_target(np.zeros_like(ids) if binary else ids, self.instance_target)
+                extra += [np.full_like(extra[0], 0.0 if binary else 1.0), inst]
+            if extra:
+                stacked = np.concatenate(extra).astype(np.float32)
+                target = torch.cat([target, convert_to_dst_type(stacked, target)[0]]) if isinstance(target, torch.Tensor) \
+                    else np.concatenate([target, stacked])
             d[key] = target
         return d

@@ -38,7 +38,7 @@ from bundle.inference.colour import (
     reinhard_rgb,
 )
 from bundle.inference.sources import RegionSource
-from bundle.nuclei.binarize import BOUNDARY, REGION
+from bundle.nuclei.binarize import REGION, watershed_channel
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +297,8 @@ def predict_chunks(
     """Yield the chunks of ``source`` (row-major) with their region/boundary maps at model scale on ``exact``.
 
     ``factor`` = native pixel size / model pixel size; ``predictor`` maps a standardised (h, w) model-scale
-    array to (C, h, w) maps whose channels ``REGION``/``BOUNDARY`` are probabilities (DS-HFN's eval output).
+    array to (C, h, w) maps whose channels ``REGION``/``BOUNDARY`` are probabilities (DS-HFN's eval output);
+    ``boundary`` is the map the watershed separates nuclei with (:func:`bundle.nuclei.binarize.watershed_channel`).
     ``skip_background`` (slides) gives all-zero maps without a network pass where the core is all glass.
     """
     h, w = source.shape
@@ -325,9 +326,8 @@ def predict_chunks(
             ey = slice(gy.exact[0] - gy.net[0], gy.exact[1] - gy.net[0])
             ex = slice(gx.exact[0] - gx.net[0], gx.exact[1] - gx.net[0])
             region = np.ascontiguousarray(maps[REGION, ey, ex], np.float32)
-            boundary = (
-                np.ascontiguousarray(maps[BOUNDARY, ey, ex], np.float32) if maps.shape[0] > BOUNDARY else np.zeros_like(region)
-            )
+            channel = watershed_channel(maps.shape[0])
+            boundary = np.zeros_like(region) if channel is None else np.ascontiguousarray(maps[channel, ey, ex], np.float32)
             del maps, x
             yield ChunkMaps(gy, gx, region, boundary, rgb)
             del rgb, region, boundary  # not alive while the next chunk is read and predicted

@@ -1,9 +1,10 @@
-"""DS-HFN training loss (paper eq. 21 / 27): ``L_total = α·L_seg + β·L_edge + γ·L_GLGA``.
+"""DS-HFN training loss (paper eq. 21 / 27): ``L_total = α·L_seg + β·L_edge + γ·L_GLGA`` (+ ``δ·L_inst``).
 
 * ``L_seg``: Dice + BCE on the region logit (MONAI ``DiceCELoss(sigmoid=True)``, which uses
   ``BCEWithLogitsLoss`` for a single channel);
 * ``L_edge``: BCE on the boundary logit against the boundary target (``BCEWithLogitsLoss``);
-* ``L_GLGA``: :class:`GradientAlignedLoss` (eq. 22-26).
+* ``L_GLGA``: :class:`GradientAlignedLoss` (eq. 22-26);
+* ``L_inst`` (not in the paper; only with an instance head): :class:`InstanceMapLoss`.
 
 Every term is computed from logits in float32 with autocast off, so the loss is stable under AMP
 (fp16 and bf16) whatever dtype the network emits.
@@ -14,13 +15,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from monai.transforms import SobelGradients
 from torch.nn.modules.loss import _Loss
 
+from bundle.model.instance import check_instance_head, instance_channels
 from bundle.model.sobel import sobel_magnitude
 
-__all__ = ["GradientAlignedLoss", "DSHFNLoss"]
+__all__ = ["GradientAlignedLoss", "InstanceMapLoss", "DSHFNLoss"]
 
-TERMS = ("seg", "edge", "glga")
+TERMS = ("seg", "edge", "glga", "inst")
 
 
 class GradientAlignedLoss(_Loss):
@@ -53,6 +56,49 @@ class GradientAlignedLoss(_Loss):
             return (grad_pred - grad_true).abs().mean()
 
 
+def _weighted_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the pixels (and channels) where ``weight`` (N, 1, H, W) is non-zero, weighted;
+    0 with a zero gradient when none is."""
+    weight = weight.expand_as(values)
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+class InstanceMapLoss(_Loss):
+    """``L_inst`` of an instance head (:mod:`bundle.model.instance`), over the pixels of non-zero ``weight``.
+
+    * ``"hv"``: HoVer-Net's HV loss (Graham et al. 2019, eq. 2-3, as MONAI's ``HoVerNetLoss`` computes it):
+      ``mse_weight · MSE(hv, target) + grad_weight · MSGE``, MSGE being the squared error of
+      d h/dx and d v/dy (MONAI ``SobelGradients``, kernel 5) over the nucleus pixels; defaults 2 and 1 as MONAI's.
+    * ``"distance"``: MSE of ``sigmoid(logit)`` against the normalised distance map.
+
+    ``forward(logits, target, foreground, weight)``: the head's (N, k, H, W) logits and target, the (N, 1, H, W)
+    nucleus mask and per-pixel weight (0 on binary-mask tiles, which hold no instances).
+    """
+
+    def __init__(self, head: str, mse_weight: float = 2.0, grad_weight: float = 1.0) -> None:
+        super().__init__()
+        self.head = check_instance_head(head, "InstanceMapLoss: head")
+        if head == "none":
+            raise ValueError("InstanceMapLoss: head 'none' has no instance map to train")
+        self.mse_weight, self.grad_weight = float(mse_weight), float(grad_weight)
+        self.sobel_h = SobelGradients(kernel_size=5, spatial_axes=1)
+        self.sobel_v = SobelGradients(kernel_size=5, spatial_axes=0)
+
+    def _hv_gradients(self, hv: torch.Tensor) -> torch.Tensor:
+        # MONAI's SobelGradients takes (C, H, W): the batch goes in as channels
+        return torch.stack([self.sobel_h(hv[:, 0]), self.sobel_v(hv[:, 1])], dim=1)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, foreground: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+        if logits.shape != target.shape:
+            raise ValueError(f"InstanceMapLoss: logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
+        if self.head == "distance":
+            return _weighted_mean((torch.sigmoid(logits) - target) ** 2, weight)
+        mse = _weighted_mean((logits - target) ** 2, weight)
+        msge = _weighted_mean((self._hv_gradients(logits) - self._hv_gradients(target)) ** 2, weight * foreground)
+        return self.mse_weight * mse + self.grad_weight * msge
+
+
 class DSHFNLoss(_Loss):
     """``L_total = α·L_seg + β·L_edge + γ·L_GLGA`` (paper eq. 21 / 27; Table 2 weights 0.6 / 0.2 / 0.2).
 
@@ -67,8 +113,12 @@ class DSHFNLoss(_Loss):
     With a one-channel ``pred`` there is no boundary output: ``beta`` must then be 0 (else ``ValueError`` at the
     call) and ``"edge"`` is left out of the log.
 
-    After each call ``last_terms`` holds detached float32 scalars ``{"seg", "edge", "glga", "total"}`` (unweighted
-    terms, weighted total) for logging; see :class:`bundle.engine.handlers.LossTermsHandler`.
+    With an instance head (``instance_head`` "hv" or "distance"), ``pred`` carries the head's k logits after the
+    others and ``label`` is ``[foreground, boundary, boundary weight, instance weight, k instance targets]``
+    (:class:`bundle.data.transforms.NucleiTargetsd` ``instance_target``); ``delta`` weighs :class:`InstanceMapLoss`.
+
+    After each call ``last_terms`` holds detached float32 scalars ``{"seg", "edge", "glga", "inst", "total"}``
+    (unweighted terms present, weighted total) for logging; see :class:`bundle.engine.handlers.LossTermsHandler`.
 
     Args:
         alpha, beta, gamma: weights of ``L_seg``, ``L_edge``, ``L_GLGA`` (>= 0).
@@ -76,6 +126,8 @@ class DSHFNLoss(_Loss):
         edge_pos_weight: weight of the boundary pixels in ``L_edge`` (BCE ``pos_weight``); boundaries are a small
             fraction of the pixels, and with weight 1 the boundary map stays faint.
         log_disabled_terms: also compute (without grad) and log terms whose weight is 0.
+        instance_head: "none", "hv" or "distance": the network's instance head (:mod:`bundle.model.instance`).
+        delta: weight of ``L_inst`` (>= 0).
     """
 
     def __init__(
@@ -86,14 +138,19 @@ class DSHFNLoss(_Loss):
         eps: float = 1e-6,
         edge_pos_weight: float = 1.0,
         log_disabled_terms: bool = True,
+        instance_head: str = "none",
+        delta: float = 1.0,
     ) -> None:
         super().__init__()
-        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma), ("delta", delta)):
             if not value >= 0:
                 raise ValueError(f"DSHFNLoss: {name} must be >= 0, got {value}")
-        if alpha == beta == gamma == 0:
-            raise ValueError("DSHFNLoss: at least one of alpha, beta, gamma must be > 0")
-        self.weights = {"seg": float(alpha), "edge": float(beta), "glga": float(gamma)}
+        if alpha == beta == gamma == 0 and (instance_head == "none" or delta == 0):
+            raise ValueError("DSHFNLoss: at least one of alpha, beta, gamma (or delta, with an instance head) must be > 0")
+        self.weights = {"seg": float(alpha), "edge": float(beta), "glga": float(gamma), "inst": float(delta)}
+        self.instance_head = check_instance_head(instance_head, "DSHFNLoss: instance_head")
+        self.n_inst = instance_channels(instance_head)
+        self.inst_loss = InstanceMapLoss(instance_head) if self.n_inst else None
         self.log_disabled_terms = log_disabled_terms
         self.seg_loss = DiceCELoss(sigmoid=True)
         if not edge_pos_weight > 0:
@@ -112,16 +169,22 @@ class DSHFNLoss(_Loss):
         return (bce * weight).sum() / weight.sum().clamp_min(1.0)
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        if pred.ndim != 4 or pred.shape[1] not in (1, 2):
+        k = self.n_inst
+        if pred.ndim != 4 or pred.shape[1] - k not in (1, 2):
             raise ValueError(
-                "DSHFNLoss: pred must be (N, 2, H, W) [region, boundary] logits or (N, 1, H, W), "
+                f"DSHFNLoss: pred must be (N, {2 + k}, H, W) [region, boundary{', instance' if k else ''}] logits "
+                f"or (N, {1 + k}, H, W) without the boundary decoder (instance_head={self.instance_head!r}), "
                 f"got {tuple(pred.shape)}"
             )
-        has_edge = pred.shape[1] == 2
+        has_edge = pred.shape[1] - k == 2
         if label.ndim != 4 or label.shape[0] != pred.shape[0] or label.shape[2:] != pred.shape[2:]:
             raise ValueError(f"DSHFNLoss: label {tuple(label.shape)} does not match pred {tuple(pred.shape)}")
-        if label.shape[1] < pred.shape[1]:
-            raise ValueError(f"DSHFNLoss: label needs channels [foreground, boundary], got {tuple(label.shape)}")
+        if label.shape[1] < (4 + k if k else pred.shape[1]):
+            raise ValueError(
+                "DSHFNLoss: label needs channels [foreground, boundary"
+                + (f", boundary weight, instance weight, {k} instance targets] (NucleiTargetsd instance_target="
+                   f"{self.instance_head!r})" if k else "]") + f", got {tuple(label.shape)}"
+            )
         if not has_edge and self.weights["edge"] != 0:
             raise ValueError(
                 f"DSHFNLoss: pred has no boundary channel (boundary decoder ablated) but beta={self.weights['edge']}; "
@@ -137,6 +200,10 @@ class DSHFNLoss(_Loss):
             if has_edge:
                 weight = label[:, 2:3] if label.shape[1] > 2 else None
                 inputs["edge"] = (lambda x, y, w=weight: self.edge_loss(x, y, w), pred[:, 1:2], label[:, 1:2])
+            if self.inst_loss is not None:
+                fg, inst_weight = label[:, :1], label[:, 3:4]
+                inputs["inst"] = (lambda x, y, f=fg, w=inst_weight: self.inst_loss(x, y, f, w),
+                                  pred[:, pred.shape[1] - k:], label[:, 4:4 + k])
             total = pred.new_zeros(())
             terms: dict[str, torch.Tensor] = {}
             for name in TERMS:

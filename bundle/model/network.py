@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import DeformConv2d
 
+from bundle.model.instance import check_instance_head, instance_channels, instance_separation
 from bundle.model.sobel import SobelMagnitude
 
 __all__ = [
@@ -317,7 +318,7 @@ class SegmentationDecoder(nn.Module):
 
     def __init__(
         self, in_channels: int, stage_channels: Sequence[int], skip_in_channels: Sequence[int],
-        upsample: str = "transpose",
+        upsample: str = "transpose", out_channels: int = 1,
     ) -> None:
         super().__init__()
         stages: List[nn.Module] = []
@@ -326,7 +327,7 @@ class SegmentationDecoder(nn.Module):
             stages.append(DecoderStage(prev, ch, skip_in, ch, upsample))
             prev = ch
         self.stages = nn.ModuleList(stages)
-        self.head = nn.Conv2d(prev, 1, 1)
+        self.head = nn.Conv2d(prev, out_channels, 1)
 
     def forward(self, x: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
         for i, stage in enumerate(self.stages):
@@ -338,6 +339,12 @@ class BoundaryDecoder(SegmentationDecoder):
     """Boundary decoder, eq. 18-19: the same architecture as :class:`SegmentationDecoder`, fed the shallow
     local-stream features as skips (edge-related activations) and supervised with the boundary target.
     Returns the boundary LOGIT (eq. 19 before the sigmoid)."""
+
+
+class InstanceDecoder(SegmentationDecoder):
+    """Instance decoder (not in the paper): the :class:`SegmentationDecoder` architecture and skips with a
+    ``out_channels``-channel head regressing an instance-aware target, HoVer-Net's HV maps (2 channels) or the
+    normalised distance map (1); see :mod:`bundle.model.instance`."""
 
 
 class MutualRefinement(nn.Module):
@@ -392,6 +399,11 @@ class DSHFN(nn.Module):
       channel 2 refined region map ``Y_R = Y_seg * (1 + lambda * Y_edge)`` of eq. 20, in [0, 1 + lambda]
       (equals channel 0 when ``boundary_decoder=False``).
 
+    With an instance head (``instance_head="hv"`` or ``"distance"``, :class:`InstanceDecoder`) the training output
+    gains the head's 2 or 1 channels after the others, and the eval output a fourth channel: the separation map
+    ``S`` in [0, 1] of :func:`bundle.model.instance.instance_separation`, which the watershed uses in place of the
+    boundary map.
+
     H and W must be multiples of :attr:`size_divisor` ``= fusion_stride * 2**(levels - 1)`` (32 by
     default); other sizes raise ``ValueError``.
 
@@ -410,6 +422,7 @@ class DSHFN(nn.Module):
         refine_lambda: lambda of eq. 20, a fixed coefficient in [0, 1] (not learned; see :class:`MutualRefinement`).
         upsample: decoder upsampling, "transpose" (eq. 15's transposed convolution) or "bilinear" (see
             :class:`DecoderStage`).
+        instance_head: "none" (the paper's network), "hv" or "distance" (see :mod:`bundle.model.instance`).
     """
 
     def __init__(
@@ -424,8 +437,10 @@ class DSHFN(nn.Module):
         boundary_decoder: bool = True,
         refine_lambda: float = 0.5,
         upsample: str = "transpose",
+        instance_head: str = "none",
     ) -> None:
         super().__init__()
+        self.instance_head = check_instance_head(instance_head, "DSHFN: instance_head")
         if streams not in STREAMS:
             raise ValueError(f"DSHFN: streams must be one of {STREAMS}, got {streams!r}")
         if fusion not in FUSIONS:
@@ -476,6 +491,11 @@ class DSHFN(nn.Module):
             edge_skip_in = [stream_widths[self.boundary_source][k] for k in strides]
             self.boundary_decoder = BoundaryDecoder(fused, stage_channels, edge_skip_in, upsample)
             self.refinement = MutualRefinement(refine_lambda)
+        self.instance_decoder: InstanceDecoder | None = None
+        if instance_head != "none":
+            self.instance_decoder = InstanceDecoder(
+                fused, stage_channels, seg_skip_in, upsample, out_channels=instance_channels(instance_head)
+            )
 
         self.apply(_he_init)
         for m in self.modules():
@@ -511,21 +531,25 @@ class DSHFN(nn.Module):
             seg_skips.append(torch.cat([p[k] for p in pyramids], dim=1))
             edge_skips.append(pyramids[self.boundary_source][k])
         seg = self.segmentation_decoder(fused, seg_skips)
+        instance_decoder = self.instance_decoder
+        inst = None if instance_decoder is None else instance_decoder(fused, seg_skips)
 
         boundary_decoder = self.boundary_decoder
         refinement = self.refinement
+        edge = None if boundary_decoder is None else boundary_decoder(fused, edge_skips)
         # outputs go back to the default (NCHW-contiguous) layout so callers may .view() them
-        if boundary_decoder is None or refinement is None:
-            if self.training:
-                return seg.contiguous()
-            y_seg = torch.sigmoid(seg)
-            return torch.cat([y_seg, torch.zeros_like(y_seg), y_seg], dim=1).contiguous()
-        edge = boundary_decoder(fused, edge_skips)
         if self.training:
-            return torch.cat([seg, edge], dim=1).contiguous()
+            logits = [seg] if edge is None else [seg, edge]
+            return torch.cat(logits if inst is None else logits + [inst], dim=1).contiguous()
         y_seg = torch.sigmoid(seg)
-        y_edge = torch.sigmoid(edge)
-        return torch.cat([y_seg, y_edge, refinement(y_seg, y_edge)], dim=1).contiguous()
+        if edge is None or refinement is None:
+            maps = [y_seg, torch.zeros_like(y_seg), y_seg]
+        else:
+            y_edge = torch.sigmoid(edge)
+            maps = [y_seg, y_edge, refinement(y_seg, y_edge)]
+        if inst is not None:
+            maps.append(instance_separation(self.instance_head, inst).to(y_seg.dtype))
+        return torch.cat(maps, dim=1).contiguous()
 
 
 def shape_summary(model: DSHFN, height: int = 256, width: int = 256, batch: int = 1) -> List[str]:
@@ -542,7 +566,7 @@ def shape_summary(model: DSHFN, height: int = 256, width: int = 256, batch: int 
 
     watched = {"streams.%d" % i: s for i, s in enumerate(model.streams)}
     watched["fusion"] = model.fusion
-    for dec_name in ("segmentation_decoder", "boundary_decoder"):
+    for dec_name in ("segmentation_decoder", "boundary_decoder", "instance_decoder"):
         dec = getattr(model, dec_name)
         if dec is not None:
             for i, stage in enumerate(dec.stages):

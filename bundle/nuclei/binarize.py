@@ -9,8 +9,16 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-# channel order of DSHFN's eval output (see bundle.model.network.DSHFN)
-REGION, BOUNDARY, REFINED = 0, 1, 2
+# channel order of DSHFN's eval output (see bundle.model.network.DSHFN); SEPARATION only with an instance head
+REGION, BOUNDARY, REFINED, SEPARATION = 0, 1, 2, 3
+
+
+def watershed_channel(n_channels: int) -> int | None:
+    """The eval-output channel the watershed separates touching nuclei with: the instance head's separation map
+    when the output has one, else the boundary map (None for a region map alone)."""
+    if n_channels > SEPARATION:
+        return SEPARATION
+    return BOUNDARY if n_channels > BOUNDARY else None
 
 
 class BinarizeChannel(Transform):

@@ -40,7 +40,7 @@ from scipy import ndimage
 from skimage.feature import peak_local_max
 
 from bundle.evaluation.instance import aji, aji_plus, panoptic_quality
-from bundle.nuclei.binarize import BOUNDARY, REGION
+from bundle.nuclei.binarize import REGION, watershed_channel
 
 __all__ = [
     "WatershedParams",
@@ -323,11 +323,13 @@ def upsample_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def instances_from_output(output: Any, params: WatershedParams | None = None, **overrides: Any) -> np.ndarray:
     """:func:`instances_from_maps` on one DS-HFN eval output (C, H, W), numpy or torch: channel 0 = region,
-    channel 1 = boundary (absent or all zeros for the ablated decoder -> distance fallback)."""
+    channel 1 = boundary (absent or all zeros for the ablated decoder -> distance fallback), replaced by channel 3,
+    the instance head's separation map, when the output has one (:func:`bundle.nuclei.binarize.watershed_channel`)."""
     arr = output.detach().cpu().numpy() if hasattr(output, "detach") else np.asarray(output)
     if arr.ndim != 3:
         raise ValueError(f"instances_from_output: expected one (C, H, W) eval output, got shape {arr.shape}")
-    boundary = arr[BOUNDARY] if arr.shape[0] > BOUNDARY else None
+    channel = watershed_channel(arr.shape[0])
+    boundary = None if channel is None else arr[channel]
     return instances_from_maps(arr[REGION], boundary, params, **overrides)
 
 

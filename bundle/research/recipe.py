@@ -32,6 +32,7 @@ from bundle.data.io import read_label, write_text_atomic
 from bundle.data.scale import model_shape, scale_factor
 from bundle.engine.instance_eval import native_nuclei, nuclei_scores, unpad
 from bundle.evaluation.instance import aji
+from bundle.nuclei.binarize import REGION, watershed_channel
 from bundle.nuclei.watershed import WatershedParams
 from bundle.research.tuning import (
     SIZE_GRID,
@@ -70,8 +71,8 @@ def predict_validation(parser: Any, network: torch.nn.Module) -> list[dict[str, 
             maps = inferer(torch.as_tensor(np.asarray(d["image"]))[None].float(), network)[0].numpy()
         truth = read_label(item["label"], kind=item["label_kind"])
         maps = unpad(maps, model_shape(truth.shape, scale_factor(float(item["pixel_size"]), model_pixel_size)))
-        out.append({"id": item["id"], "dataset": item["dataset"], "kind": item["label_kind"],
-                    "region": maps[0], "boundary": maps[1], "truth": truth})
+        out.append({"id": item["id"], "dataset": item["dataset"], "kind": item["label_kind"], "image": item["image"],
+                    "region": maps[REGION], "boundary": maps[watershed_channel(len(maps))], "truth": truth})
     return out
 
 
