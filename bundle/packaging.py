@@ -36,7 +36,8 @@ def bundle_files(root: str | os.PathLike) -> list[Path]:
 
 
 def build_bundle_zip(root: str | os.PathLike, out_zip: str | os.PathLike, name: str = BUNDLE_NAME) -> Path:
-    """Zip the bundle at ``root`` as ``<name>/...`` into ``out_zip`` (atomically); returns the zip path."""
+    """Zip the bundle at ``root`` as ``<name>/...`` into ``out_zip`` (atomically; a folder, existing or given with a
+    trailing slash, gets ``<name>.zip`` in it); returns the zip path."""
     root = Path(root).resolve()
     meta = root / "configs" / "metadata.json"
     if not meta.is_file():
@@ -49,7 +50,10 @@ def build_bundle_zip(root: str | os.PathLike, out_zip: str | os.PathLike, name: 
             for f in files:
                 zf.write(f, f"{name}/{f.relative_to(root).as_posix()}")
 
+    if Path(out_zip).is_dir() or str(out_zip).endswith((os.sep, "/")):
+        out_zip = Path(out_zip) / f"{name}.zip"
     out_zip = Path(out_zip)
+    out_zip.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_zip, _write)
     print(f"wrote {out_zip} ({name} {version}, {len(files)} files)")
     return out_zip

@@ -1,6 +1,7 @@
 """Cross-validation and transfer experiments: a thin command line over :mod:`bundle.research.experiments`.
 
-    # DS-HFN and BasicUNet on all five TNBC folds, same budget (resumable: rerun the same command)
+    # DS-HFN and BasicUNet on all five TNBC folds, same budget (resumable: rerun the same command); results under
+    # runs/experiments/results/tnbc_cpu_40ep (--publish: docs/results/tnbc_cpu_40ep, the committed tables)
     python scripts/experiments.py run --variants dshfn basic_unet --folds 0 1 2 3 4 \\
         --dataset_dir ../shared/data/tnbc
     # the Table 4 ablations on two folds
@@ -15,23 +16,62 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bundle import bundle_root  # noqa: E402
+from bundle.cli import data_path  # noqa: E402
 from bundle.research.experiments import (  # noqa: E402
     ABLATIONS,
+    KFOLD,
     RESOLUTIONS,
     VARIANTS,
     device_name,
     per_fold_table,
     run_fold,
     run_transfer_row,
+    schedule_tag,
+    split_file_for,
     summarise,
     transfer_table,
 )
+
+#: folds of the k-fold split (``n_folds`` of configs/experiments/kfold.json; the transfer config has the same)
+with open(os.path.join(bundle_root(), KFOLD), encoding="utf-8") as _f:
+    N_FOLDS = int(json.load(_f)["n_folds"])
+
+
+def results_folder(args: argparse.Namespace, name: str) -> str:
+    """Where a run's per-fold results go: ``--results_dir``; with ``--publish`` the committed
+    ``docs/results/<name>``; else ``<runs_dir>/results/<name>``, beside the runs (never into the bundle unasked)."""
+    if args.results_dir:
+        return data_path(args.results_dir)
+    if args.publish:
+        return os.path.join(bundle_root(), "docs", "results", name)
+    return os.path.join(args.runs_dir, "results", name)
+
+
+def fail(message: str) -> None:
+    """One line and exit 2 (argparse's usage block would bury it)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_run_args(args: argparse.Namespace, folds: list[int], option: str) -> None:
+    """What can be checked before any work: the dataset folder and the fold numbers (one line each)."""
+    args.dataset_dir = data_path(args.dataset_dir)  # a path, never code for the config parser
+    args.runs_dir = data_path(args.runs_dir)
+    if not os.path.isfile(os.path.join(args.dataset_dir, "meta.csv")):
+        fail(f"--dataset_dir {args.dataset_dir}: not a dataset folder (no meta.csv). Give a folder in the "
+                     "standard layout, e.g. ../shared/data/tnbc (scripts/prepare_data.py makes one)")
+    bad = sorted({k for k in folds if not 0 <= k < N_FOLDS})
+    if bad:
+        fail(f"{option} {' '.join(map(str, bad))}: the split has {N_FOLDS} folds, give numbers from 0 to "
+                     f"{N_FOLDS - 1}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
                      help="config file with the budget (epochs, batch, lr), identical for every variant")
     run.add_argument("--max_epochs", type=int, default=None, help="override the schedule's epochs (smoke runs)")
     run.add_argument("--dataset_dir", required=True)
-    run.add_argument("--runs_dir", default="runs/experiments", help="checkpoints and logs (not committed)")
+    run.add_argument("--runs_dir", default="runs/experiments",
+                     help="checkpoints, logs, the fold split if none is committed for the dataset, and the results")
     run.add_argument("--results_dir", default=None,
-                     help="per-fold CSV/JSON (default docs/results/<dataset>_<schedule name>: one folder per budget)")
+                     help="per-fold CSV/JSON (default <runs_dir>/results/<dataset>_<schedule>, the schedule's epochs "
+                     "replaced by --max_epochs: one folder per budget)")
+    run.add_argument("--publish", action="store_true",
+                     help="file the results in docs/results/<dataset>_<schedule> (the committed tables)")
     run.add_argument("--device", default=None, help="e.g. cpu, cuda:0 (default: the config's choice)")
     run.add_argument("--num_workers", type=int, default=0)
     run.add_argument("--fold_major", action="store_true", help="loop folds outside variants (default: variants outside)")
@@ -64,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     transfer.add_argument("--schedule", default="configs/schedules/cpu_40ep.json")
     transfer.add_argument("--max_epochs", type=int, default=None, help="override the schedule's epochs (smoke runs)")
     transfer.add_argument("--dataset_dir", required=True, help="a dataset grouped by organ, e.g. ../shared/data/monuseg")
-    transfer.add_argument("--runs_dir", default="runs/experiments", help="checkpoints and logs (not committed)")
+    transfer.add_argument("--runs_dir", default="runs/experiments",
+                          help="checkpoints, logs, the fold split if none is committed for the dataset, and the results")
     transfer.add_argument("--results_dir", default=None,
-                          help="per-image CSVs and summaries (default docs/results/<dataset>_transfer_<schedule name>)")
+                          help="per-image CSVs and summaries (default <runs_dir>/results/<dataset>_transfer_<schedule>)")
+    transfer.add_argument("--publish", action="store_true",
+                          help="file the results in docs/results/<dataset>_transfer_<schedule> (the committed tables)")
     transfer.add_argument("--device", default=None)
     transfer.add_argument("--num_workers", type=int, default=0)
     ttable = sub.add_parser("transfer-table", help="markdown matrix, rows = training organ, columns = tested organ")
@@ -91,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         print(transfer_table(args.results_dir, args.variant, args.metric))
         return 0
     if args.command == "transfer":
+        check_run_args(args, args.rows, "--rows")
         dataset = os.path.basename(os.path.normpath(args.dataset_dir))
-        schedule = os.path.splitext(os.path.basename(args.schedule))[0]
-        results_dir = args.results_dir or os.path.join("docs", "results", f"{dataset}_transfer_{schedule}")
+        results_dir = results_folder(args, f"{dataset}_transfer_{schedule_tag(args.schedule, args.max_epochs)}")
+        runs_dir = os.path.join(args.runs_dir, f"{dataset}_transfer")
+        split_file = split_file_for(args.dataset_dir, runs_dir, N_FOLDS)
         for row in args.rows:
-            result = run_transfer_row(row, args.dataset_dir, os.path.join(args.runs_dir, f"{dataset}_transfer"),
-                                      results_dir, args.variant, args.max_epochs, device=args.device,
-                                      num_workers=args.num_workers, overrides=[args.schedule])
+            result = run_transfer_row(row, args.dataset_dir, runs_dir, results_dir, args.variant, args.max_epochs,
+                                      device=args.device, num_workers=args.num_workers, overrides=[args.schedule],
+                                      split_file=split_file)
             logging.info(f"{result}")
         print(f"\n## {dataset} cross-organ transfer, {args.variant}\n")
         print(transfer_table(results_dir, args.variant))
@@ -106,14 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)} or 'ablations'")
+    check_run_args(args, args.folds, "--folds")
     dataset = os.path.basename(os.path.normpath(args.dataset_dir))
-    schedule = os.path.splitext(os.path.basename(args.schedule))[0]
-    results_dir = args.results_dir or os.path.join("docs", "results", f"{dataset}_{schedule}")
+    results_dir = results_folder(args, f"{dataset}_{schedule_tag(args.schedule, args.max_epochs)}")
+    runs_dir = os.path.join(args.runs_dir, dataset)
+    split_file = split_file_for(args.dataset_dir, runs_dir, N_FOLDS)
     pairs = [(v, k) for k in args.folds for v in variants] if args.fold_major else \
         [(v, k) for v in variants for k in args.folds]
     for variant, fold in pairs:
-        result = run_fold(variant, fold, args.dataset_dir, os.path.join(args.runs_dir, dataset), results_dir,
-                          args.max_epochs, device=args.device, num_workers=args.num_workers, overrides=[args.schedule])
+        result = run_fold(variant, fold, args.dataset_dir, runs_dir, results_dir, args.max_epochs, device=args.device,
+                          num_workers=args.num_workers, overrides=[args.schedule], split_file=split_file)
         logging.info(f"{result}")
     for resolution in RESOLUTIONS:
         print(f"\n## {dataset}, {resolution} resolution\n")

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                data_pixels=args.data_pixels)
         if args.json:
             write_text_atomic(args.json, json.dumps(res, indent=2) + "\n")
-        print(json.dumps({k: res[k] for k in ("overall", "per_dataset", "worst")}, indent=2))
+        print(json.dumps({k: res[k] for k in ("overall", "per_dataset", "threshold_sweep", "worst")}, indent=2))
         out = Path(args.out)
     elif args.command == "transfer":
         out = plot_transfer_heatmap(args.results_dir, args.out, args.variant, args.metric)

@@ -26,6 +26,7 @@ from bundle.research.recipe import (  # noqa: E402
     evaluate_run,
     load_probes,
     loader_throughput,
+    per_dataset_table,
     recipe_table,
     run_probe,
 )
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("table", help="markdown table of the scored probes")
     t.add_argument("--results_dir", default=str(ROOT / "docs" / "results" / "recipe"))
     t.add_argument("--probe_file", default=str(ROOT / "configs" / "recipe" / "probes.json"))
+    t.add_argument("--per_dataset", nargs="*", metavar="SCORES", default=None,
+                   help="AJI / PQ / Dice per instance-labelled dataset instead, for --results_dir and these extra "
+                   "score files (scripts/recipe.py score --out)")
     e = sub.add_parser("score", help="score weights on the validation split (AJI, PQ, Dice, BF1, HD95 at native size)")
     e.add_argument("--weights", required=True, help="model.pt (state dict) or a training checkpoint.pt")
     e.add_argument("--data_root", required=True, help="folder holding tnbc/, monuseg/, consep/")
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", help="JSON with the means, the watershed and every tile's row")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.cmd == "table" and args.per_dataset is not None:
+        print(per_dataset_table([args.results_dir, *args.per_dataset]))
+        return 0
     if args.cmd == "table":
         print(recipe_table(args.results_dir, json.loads(Path(args.probe_file).read_text()).get("_baseline")))
         return 0

@@ -29,23 +29,26 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bundle.cli import find_data_error  # noqa: E402
+from bundle.cli import data_path, data_value, find_data_error  # noqa: E402
 from bundle.data.scale import DEFAULT_PIXEL_SIZE  # noqa: E402
-from bundle.inference.engine import check_settings, load_segmenter  # noqa: E402
+from bundle.inference.engine import check_settings, exit_code, load_segmenter  # noqa: E402
 from bundle.inference.writers import OUTPUT_FORMATS  # noqa: E402
 
 logger = logging.getLogger("segment")
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
-    """The inference config ids the given options set (options not given keep the config's value)."""
+    """The inference config ids the given options set (options not given keep the config's value), as data: a
+    value starting with ``$``, ``@`` or ``%`` would be run or followed by the config parser (a path gets ``./``,
+    anything else is refused)."""
+    device = None if args.device is None else data_value(args.device, "--device")
     ids = {"pixel_size": args.pixel_size, "level": args.level, "slide": args.slide, "chunk": args.chunk,
-           "halo": args.halo, "post_chunk": args.post_chunk, "formats": args.formats, "device": args.device,
+           "halo": args.halo, "post_chunk": args.post_chunk, "formats": args.formats, "device": device,
            "amp": args.amp or None, "skip_existing": False if args.no_resume else None,
            "progress": None if args.progress else False}
     ids = {k: v for k, v in ids.items() if v is not None}
     if args.ckpt is not None:
-        ids["ckpt_path"] = None if args.ckpt.lower() == "none" else args.ckpt
+        ids["ckpt_path"] = None if args.ckpt.lower() == "none" else data_path(args.ckpt)
     return ids
 
 
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     check_settings(args.pixel_size, chunk=args.chunk, halo=args.halo, post_chunk=args.post_chunk, level=args.level,
                    prefix="--")
     segmenter = load_segmenter(args.config_file, **config_overrides(args))
+    segmenter.ckpt_option = "--ckpt"
     return segmenter.run(args.input, args.output_dir, option="--input")
 
 
@@ -99,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if result["images_failed"] == 0:
-        return 0
-    # 1: some images failed (listed in segment_summary.json); 2: nothing useful produced at all
-    return 1 if result["images_done"] + result["images_skipped"] > 0 else 2
+    # 1: some images failed (listed in segment_summary.json and on the closing line); 2: nothing useful produced
+    return exit_code(result)
 
 
 if __name__ == "__main__":

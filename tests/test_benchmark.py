@@ -35,3 +35,6 @@ def test_cost_suite_builds_the_shipped_network_from_inference_json():
     network, in_channels, model_pixel_size = inference_network([f"{bundle_root()}/configs/inference.json"])
     config = json.loads((ROOT / "configs" / "inference.json").read_text())
     assert isinstance(network, DSHFN) and in_channels == 3 and model_pixel_size == config["model_pixel_size"]
+    assert network.instance_head == config["instance_head"]
+    other = "distance" if config["instance_head"] != "distance" else "hv"
+    assert inference_network([f"{bundle_root()}/configs/inference.json"], instance_head=other)[0].instance_head == other

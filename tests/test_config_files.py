@@ -48,6 +48,8 @@ COVERED = {
     "recipe/basic_unet.json": ["test_config_files.py::test_every_probe_overrides_existing_ids_and_builds_its_network"],
     "schedules/cpu_40ep.json": ["test_config_files.py::test_schedules_set_the_trainer_they_say"],
     "schedules/cpu_long.json": ["test_config_files.py::test_schedules_set_the_trainer_they_say"],
+    "schedules/cpu_finetune.json": ["test_config_files.py::test_schedules_set_the_trainer_they_say"],
+    "recipe/instance_probes.json": ["test_config_files.py::test_every_instance_probe_builds_its_head_and_loss"],
     **{f"variants/{p.name}": ["test_experiments.py::test_every_variant_builds_its_network_and_loss"]
        for p in sorted((CONFIGS / "variants").glob("*.json"))},
 }
@@ -153,8 +155,8 @@ def test_evaluate_alone_and_after_train_build_the_same_pipeline(tnbc_dir, tmp_pa
         assert chain[2:] == [type(t).__name__ for t in merged.get_parsed_content("validate#preprocessing").transforms][2:]
         assert "RandSpatialCropd" not in chain and "ToModelScaled" in chain
         handlers = parser.get_parsed_content("validate#handlers")
-        loader = next(h for h in handlers if type(h).__name__ == "CheckpointLoader")
-        assert loader.load_path == str(tmp_path / "models" / "model.pt")
+        loader = next(h for h in handlers if type(h).__name__ == "WeightsLoader")
+        assert loader.load_path == str(tmp_path / "models" / "model.pt") and loader.option == "--ckpt_path"
         assert type(parser.get_parsed_content("validate#inferer")).__name__ == "SlidingWindowInferer"
         # the nuclei a user gets: inference.json's watershed on the model-scale maps copied before binarisation
         nuclei = next(h for h in handlers if type(h).__name__ == "InstanceMetricsHandler")
@@ -187,6 +189,7 @@ def test_kfold_datalists_are_the_committed_folds(tnbc_dir, tmp_path):
 @pytest.mark.parametrize("schedule,expected", [
     ("cpu_40ep.json", {"max_epochs": 40, "batch_size": 4, "lr": 1e-3, "T_0": 50, "interval": 1, "patience": 15}),
     ("cpu_long.json", {"max_epochs": 60, "batch_size": 4, "lr": 1e-3, "T_0": 60, "interval": 2, "patience": 60}),
+    ("cpu_finetune.json", {"max_epochs": 12, "batch_size": 4, "lr": 2e-4, "T_0": 12, "interval": 2, "patience": 12}),
 ])
 def test_schedules_set_the_trainer_they_say(schedule, expected, tiny_tnbc, tmp_path, one_torch_thread):
     from monai.handlers import ValidationHandler
@@ -223,3 +226,29 @@ def test_every_probe_overrides_existing_ids_and_builds_its_network(one_torch_thr
         net.eval()
         with torch.no_grad():
             assert net(torch.randn(1, channels, 32, 32)).shape == (1, 3, 32, 32), name
+
+
+def test_every_instance_probe_builds_its_head_and_loss(one_torch_thread):
+    """Each instance-head probe, merged as run_probe merges it, starts from the shipped weights and builds the
+    network, targets and loss of its head."""
+    from bundle.model.instance import instance_channels
+
+    train_ids = set(json.loads((CONFIGS / "train.json").read_text()))
+    probes = load_probes(CONFIGS / "recipe" / "instance_probes.json")
+    assert {"ft_boundary", "ft_hv", "ft_distance"} <= set(probes)
+    shipped = torch.load(ROOT / "models" / "model.pt", weights_only=True)
+    for name, spec in probes.items():
+        spec = dict(spec)
+        assert set(spec) <= train_ids, (name, set(spec) - train_ids)
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / f) for f in PROBE_CONFIGS])
+        parser.update({**spec, "init_weights": str(ROOT / spec["init_weights"])})
+        net = parser.get_parsed_content("network_init")
+        k = instance_channels(spec["instance_head"])
+        assert net.instance_head == spec["instance_head"]
+        # the paper's decoders start from the shipped weights
+        state = net.state_dict()
+        assert all(torch.equal(state[key], value) for key, value in shipped.items() if key in state), name
+        assert ("inst" in parser.get_parsed_content("loss").weights) == bool(k), name
+        net.train()
+        assert net(torch.randn(2, net.in_channels, 64, 64)).shape == (2, 2 + k, 64, 64), name

@@ -271,7 +271,7 @@ def test_ensure_dataset_downloads_from_file_url_and_converts(tnbc_dir, tmp_path)
 
 
 def test_ensure_dataset_errors(tnbc_dir, tmp_path):
-    with pytest.raises(DataError, match="missing or empty and download=False"):
+    with pytest.raises(DataError, match="missing or empty and download is off"):
         ensure_dataset(tmp_path / "x", download=False)
     archive = _tnbc_release_zip(tnbc_dir, tmp_path / "TNBC_NucleiSegmentation.zip")
     with pytest.raises(DataError, match=r"download or extraction.*failed.*HashCheckError|hash"):

@@ -180,3 +180,59 @@ def test_run_lock_keeps_parallel_workers_apart_and_takes_over_stale_locks(tmp_pa
     busy.write_text(str(os.getpid()))
     got = run_fold("dshfn", 0, tmp_path / "no_data", tmp_path / "runs", tmp_path / "results")
     assert got["busy"] is True and not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------------------------------- scripts/experiments.py front end
+def _experiments_cli(*args: str, cwd: Path) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "experiments.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_experiments_checks_folds_and_dataset_before_any_work(tnbc_dir, tmp_path):
+    runs = tmp_path / "runs"
+    proc = _experiments_cli("run", "--variants", "dshfn", "--folds", "0", "7", "--dataset_dir", str(tnbc_dir),
+                            "--runs_dir", str(runs), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --folds 7: the split has 5 folds, give numbers from 0 to 4"]
+    assert not runs.exists()
+    # a value is data: '$...' is a (missing) folder, never code for the config parser
+    pwned = tmp_path / "pwned"
+    code = f"$__import__('pathlib').Path({str(pwned)!r}).touch() or {str(tnbc_dir)!r}"
+    proc = _experiments_cli("run", "--variants", "dshfn", "--folds", "0", "--dataset_dir", code, "--runs_dir",
+                            str(runs), "--max_epochs", "1", cwd=tmp_path)
+    assert proc.returncode == 2 and not pwned.exists() and not runs.exists()
+    assert len(proc.stderr.strip().splitlines()) == 1 and "not a dataset folder (no meta.csv)" in proc.stderr
+
+
+def test_experiments_write_under_their_runs_folder_unless_published(tnbc_dir, tmp_path, monkeypatch):
+    """Results and a split go under --runs_dir; only --publish files them in docs/results/; a run shortened by
+    --max_epochs is named after the epochs it had. The committed split of the same meta.csv is read, not written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("experiments_cli", ROOT / "scripts" / "experiments.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    calls = []
+    monkeypatch.setattr(cli, "run_fold", lambda *a, **k: calls.append((a, k)) or {})
+    monkeypatch.setattr(cli, "summarise", lambda *a, **k: "")
+    own = link_subset(tnbc_dir, list(csv.DictReader(open(tnbc_dir / "meta.csv")))[:10], tmp_path / "mine", "masks")
+    runs = tmp_path / "runs"
+    for dataset, extra in ((tnbc_dir, []), (own, []), (tnbc_dir, ["--publish"])):
+        assert cli.main(["run", "--variants", "dshfn", "--folds", "0", "--dataset_dir", str(dataset), "--runs_dir",
+                         str(runs), "--max_epochs", "1", *extra]) == 0
+    (tnbc_args, tnbc_kw), (own_args, own_kw), (pub_args, _) = calls
+    assert tnbc_args[4] == str(runs / "results" / "tnbc_cpu_1ep") and tnbc_args[3] == str(runs / "tnbc")
+    assert tnbc_kw["split_file"] == str(ROOT / "configs" / "splits" / "tnbc_5fold_seed42.json")  # committed: read
+    assert own_args[4] == str(runs / "results" / "mine_cpu_1ep")
+    assert own_kw["split_file"] == str(runs / "mine" / "splits" / "mine_5fold_seed42.json")
+    assert pub_args[4] == str(ROOT / "docs" / "results" / "tnbc_cpu_1ep")
+    assert not (ROOT / "docs" / "results" / "tnbc_cpu_1ep").exists() and not runs.exists()  # nothing written yet
+    from bundle.research.experiments import schedule_tag
+
+    assert schedule_tag("configs/schedules/cpu_40ep.json") == "cpu_40ep"
+    assert schedule_tag("configs/schedules/cpu_40ep.json", 40) == "cpu_40ep"
+    assert schedule_tag("my_budget.json", 3) == "my_budget_3ep"

@@ -16,6 +16,7 @@ from ignite.metrics.metric import EpochWise
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 
+from bundle.data.io import DataError
 from bundle.engine.handlers import (
     BestModelSaver,
     EarlyStopping,
@@ -158,5 +159,5 @@ def test_resume_continues_from_saved_epoch_with_same_state(tmp_path):
 def test_resume_with_corrupt_checkpoint_names_file(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     trainer, *_ = _engines(tmp_path, [0.1, 0.2], max_epochs=2, resume=True)
-    with pytest.raises(RuntimeError, match="checkpoint.pt.*resume"):
+    with pytest.raises(DataError, match=r"checkpoint\.pt: cannot read the checkpoint.*--resume false"):
         trainer.run()

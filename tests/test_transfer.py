@@ -93,7 +93,7 @@ def test_transfer_configs_train_at_model_scale_on_crops_and_evaluate_whole_tiles
     chain = [type(t).__name__ for t in train.get_parsed_content("train#preprocessing").transforms]
     assert chain.index("ToModelScaled") < chain.index("RandSpatialCropSamplesd") < chain.index("RandRotate90d")
     handlers = [type(h).__name__ for h in evaluate.get_parsed_content("validate#handlers")]
-    assert handlers[:2] == ["CheckpointLoader", "StatsHandler"] and "InstanceMetricsHandler" in handlers
+    assert handlers[:2] == ["WeightsLoader", "StatsHandler"] and "InstanceMetricsHandler" in handlers
     assert evaluate.get("eval_part") == "all" and evaluate.get("eval_resolution") == "model"
 
 

@@ -139,8 +139,8 @@ def test_both_front_ends_find_the_same_nuclei_in_16bit_and_float_tiffs(stub, tmp
     write_frames(tiles / "frames.tif", rgb)
     # segment.py (exit 1: the 3-frame TIFF failed, the rest done)
     assert segment(stub, tiles, tmp_path / "seg") == 1
-    # configs/inference.json
-    bundle_run(stub, "--input_dir", tiles, "--output_dir", tmp_path / "inf")
+    # configs/inference.json (exit 1 too: a partial failure is visible to a script driving the command)
+    assert bundle_run(stub, "--input_dir", tiles, "--output_dir", tmp_path / "inf", ok=False).returncode == 1
     for folder in ("seg", "inf"):
         summary = json.loads((tmp_path / folder / "segment_summary.json").read_text())
         assert summary["done"] == sorted(paths) and "stack" in summary["failed"][0]["error"]
@@ -157,11 +157,64 @@ def test_ordinary_file_names_work_in_the_config(stub, tmp_path):
     names = ["slide 1", "tile(2)", "ñ"]
     for i, n in enumerate(names):
         Image.fromarray(tissue((128, 128), seed=i)).save(tiles / f"{n}.png")
-    bundle_run(stub, "--input_dir", tiles, "--output_dir", tmp_path / "out")
+    proc = bundle_run(stub, "--input_dir", tiles, "--output_dir", tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "segment_summary.json").read_text())
     assert summary["images_failed"] == 0 and summary["done"] == sorted(names)
+    # the last line names the counts and where the outputs are
+    assert proc.stdout.strip().splitlines()[-1].endswith(
+        f"3 images done, 0 skipped (outputs existed), 0 failed, {summary['nuclei']} nuclei; outputs in {tmp_path / 'out'}")
     for n in names:
         assert (tmp_path / "out" / f"{n}.geojson").is_file() and (tmp_path / "out" / f"{n}_instances.png").is_file()
+
+
+def test_config_run_with_failures_exits_nonzero_and_no_tile_overwrites_the_run_summary(stub, tmp_path):
+    """A script driving ``monai.bundle run`` sees a partial failure: exit 1, the failed files in the summary and on
+    the last line. ``segment.png`` would write ``segment_summary.json``, the run's summary: it is refused on its own
+    (the rest of the folder runs), and a rerun counts the same nuclei. One bar at a time: no cursor escape codes."""
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for i, name in enumerate(["a", "segment", "c"]):
+        Image.fromarray(tissue((96, 128), seed=i)).save(tiles / f"{name}.png")
+    (tiles / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
+           f"['{ROOT / 'configs' / 'inference.json'}','{stub['config']}']", "--ckpt_path", str(stub["ckpt"]),
+           "--chunk", "128", "--halo", "24", "--input_dir", str(tiles), "--output_dir", str(out)]  # bars on (default)
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=600)
+        summary = json.loads((out / "segment_summary.json").read_text())
+        runs.append(summary)
+        assert proc.returncode == 1, proc.stdout[-3000:]
+        last = proc.stdout.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "2 failed" in last and str(out) in last, last
+        assert "segment.png" in last and "broken.png" in last and "Traceback" not in proc.stdout
+        assert sorted(Path(f["tile"]).name for f in summary["failed"]) == ["broken.png", "segment.png"]
+        assert "\x1b" not in proc.stdout  # nested bars would move the cursor with escape codes
+    first, second = runs
+    assert (first["images_done"], first["images_skipped"], first["images_failed"]) == (2, 0, 2)
+    assert (second["images_done"], second["images_skipped"], second["images_failed"]) == (0, 2, 2)
+    assert first["done"] == ["a", "c"] and second["nuclei"] == first["nuclei"] > 0
+    assert "overwrite the run's segment_summary.json" in next(f["error"] for f in first["failed"]
+                                                              if f["tile"].endswith("segment.png"))
+
+
+def test_script_values_are_data_not_code(stub, tmp_path, caplog):
+    """segment.py hands --ckpt and --device to the config parser: a leading $ must not run. A path is kept (a file
+    really named so is read as such), anything else is refused with one line."""
+    Image.fromarray(tissue((96, 96))).save(tmp_path / "t.png")
+    pwned = tmp_path / "pwned"
+    code = f"$__import__('pathlib').Path({str(pwned)!r}).touch() or {str(stub['ckpt'])!r}"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "segment.py"), "--input", "t.png", "--output_dir",
+                           "out", "--ckpt", code, "--device", "cpu", "--no_progress", "--config_file",
+                           str(ROOT / "configs" / "inference.json"), "--config_file", str(stub["config"])],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and not pwned.exists(), proc.stderr[-2000:]
+    assert "checkpoint not found. Train the bundle first or pass --ckpt models/model.pt" in proc.stderr
+    with caplog.at_level(logging.ERROR, logger="segment"):
+        assert segment(stub, tmp_path / "t.png", tmp_path / "out", "--device", code.replace(str(stub["ckpt"]), "cpu")) == 2
+    assert not pwned.exists() and "--device" in caplog.text and "may not start with $" in caplog.text
 
 
 def test_same_id_twice_and_output_folder_equal_to_input_are_refused(stub, tmp_path):
@@ -312,8 +365,9 @@ def test_device_is_data_and_checkpoints_load_weights_only(tmp_path, monkeypatch)
     torch.save({"trainer": Planted()}, tmp_path / "checkpoint.pt")  # pickled code, not weights
     trainer = Engine(lambda e, b: None)
     handler = ResumableCheckpoint(str(tmp_path / "checkpoint.pt"), {}, resume=True)
-    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+    with pytest.raises(DataError, match="cannot read the checkpoint.*pickled objects or code.*--resume false") as err:
         handler.load(trainer)
+    assert "weights_only" not in str(err.value)
     assert not (tmp_path / "planted").exists()
 
 

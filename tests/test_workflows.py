@@ -82,6 +82,10 @@ def test_training_writes_weights_checkpoint_logs_and_metrics(trained):
     assert list((out / "logs").glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert "val_mean_dice" in log and "val_bf1" in log and "val_hd95" in log
     assert "loss_glga" in log and "lr" in log  # loss terms and learning rate logged per epoch
+    # a fresh run says so (ignite's "resuming from iteration 0" is for a state MONAI set up), and the log holds one
+    # bar's updates, no cursor escape codes
+    assert "Engine run starting with max_epochs=2" in log and "resuming from iteration 0" not in log
+    assert "\x1b[A" not in log
     assert not list(out.rglob(".*.tmp*")), "a temp file was left behind"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -122,8 +126,18 @@ def test_evaluate_merged_after_train_writes_tables(trained):
             vals = [float(r[k]) for r in rows if r[k]]
             assert all(0.0 <= v <= 1.0 for v in vals), (k, vals)
             assert summary[k]["mean"] == pytest.approx(np.mean(vals), rel=1e-5)  # CSV: 6 significant digits
-        assert "Restored all variables" in log
+        assert f"weights loaded from {out / 'models' / 'model.pt'}" in log and "resuming from iteration 0" not in log
         tables[res] = {r["id"]: r for r in rows}
+    # a truncated download of the weights: one line naming the config's option, never torch's weights_only advice
+    data = (out / "models" / "model.pt").read_bytes()
+    (out / "truncated.pt").write_bytes(data[: len(data) // 2])
+    proc = subprocess.run(bundle_cmd("evaluating", ["train.json", "evaluate.json"], *trained["args"], "--num_workers",
+                                     "0", "--ckpt_path", str(out / "truncated.pt")),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
+    assert len(errors) == 1 and "truncated.pt: is not a readable PyTorch weights file (the file is truncated" in errors[0]
+    assert errors[0].endswith("--ckpt_path models/model.pt"), errors[0]
     # the nuclei (inference.json's watershed on the model-scale maps, labels at the tile's size) do not depend on
     # the resolution of the pixel metrics, and are scored as scripts/recipe.py scores them
     from bundle.nuclei.watershed import WatershedParams
@@ -188,6 +202,14 @@ def test_killed_run_resumes_from_saved_epoch(small_dataset, tmp_path):
     assert f"resumed from {ckpt} at epoch {saved_epoch}" in log
     assert f"Epoch: {saved_epoch + 1}/{saved_epoch + 1}" in log and "Epoch: 1/" not in log
     assert torch.load(ckpt, weights_only=False)["trainer"]["iteration"] == per_epoch * (saved_epoch + 1)
+    # an empty checkpoint (a disk that filled up): one line saying so and what to do, not torch's EOFError
+    ckpt.write_bytes(b"")
+    proc = subprocess.run(bundle_cmd("training", ["train.json"], *args, "--max_epochs", "30", "--resume", "true"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors == [f"error: {ckpt}: cannot read the checkpoint to resume from (the file is empty (0 bytes)). "
+                      "Delete it, or give --resume false to start afresh (it is overwritten)"]
 
 
 def test_ddp_evaluation_matches_single_process(trained):

@@ -60,8 +60,10 @@ def resolve_datasets(
     from bundle.data.layout import ensure_dataset
 
     if dataset_dir:
+        # named as the option the user types: the dataset's entry would be named after its folder
+        pixel_size = check_pixel_size(pixel_size, "--pixel_size")
         path = ensure_dataset(dataset_dir, download=download)
-        out = {Path(path).name: {"dir": str(path), "pixel_size": float(pixel_size)}}
+        out = {Path(path).name: {"dir": str(path), "pixel_size": pixel_size}}
     else:
         out = {name: dict(spec) for name, spec in datasets.items()}
     _check_datasets(out)

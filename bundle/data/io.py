@@ -8,6 +8,7 @@ the fallback for codecs tifffile cannot decode without ``imagecodecs`` (LZW); ev
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import tempfile
@@ -175,6 +176,24 @@ def _as_2d_planes(arr: np.ndarray, path: Path) -> np.ndarray:
     return arr
 
 
+#: whether an undeclared bit depth read from the values was said (once per process: a folder of such tiles)
+_DEPTH_WARNED: list[bool] = []
+
+
+def _used_depth(hi: float, path: str | os.PathLike) -> int:
+    """The bit depth of 16-bit-container data that uses only 8, 10, 12 or 14 bits (a camera's 12-bit data saved as
+    16-bit without declaring it): shifting by 8 would leave 0-6 bits of contrast. Said once, with the fix."""
+    depth = next(d for d in (8, 10, 12, 14) if hi < 2**d)
+    if not _DEPTH_WARNED:
+        _DEPTH_WARNED.append(True)
+        logging.getLogger(__name__).warning(
+            f"{path}: 16-bit image whose values all fit {depth} bits (max {int(hi)}): read as {depth}-bit data "
+            f"(value >> {depth - 8}), not as dark 16-bit data; other such files are read alike without this "
+            f"warning. To make it explicit, save the files with their bit depth declared (TIFF "
+            f"BitsPerSample={depth}) or scaled to the full 16-bit range (value << {16 - depth})")
+    return depth
+
+
 def to_uint8(
     arr: np.ndarray, path: str | os.PathLike, bits: int | None = None, value_range: tuple[float, float] | None = None
 ) -> np.ndarray:
@@ -183,7 +202,8 @@ def to_uint8(
 
     - uint8 as stored; bool -> 0/255;
     - unsigned integers of ``depth`` bits (``bits`` when the file declares fewer than its container holds, e.g.
-      12-bit data in a 16-bit TIFF; else the container): ``value >> (depth - 8)``, so full-range 16-bit data
+      12-bit data in a 16-bit TIFF; 8, 10, 12 or 14 when undeclared 16-bit data uses no more, with a
+      a warning once; else the container): ``value >> (depth - 8)``, so full-range 16-bit data
       (``v * 257``) gives back ``v`` - a shift, not a min-max stretch, so a value always maps to the same output
       whatever else is in the image; negative values or values above the depth are refused;
     - floats: in [0, 1] -> ``round(255 * x)``; in [0, 255] (max above 1) -> ``round(x)``; any other range,
@@ -206,6 +226,8 @@ def to_uint8(
         if arr.dtype.kind == "i" and bits is None and arr.dtype.itemsize > 2:
             # PIL opens 16-bit PNGs in mode "I" (int32) on some versions: infer 16-bit from the range
             depth = 16 if hi < 2**16 else 32
+        if bits is None and depth == 16 and 0 < hi < 2**14:
+            depth = _used_depth(hi, path)
         shift = max(depth - 8, 0)
         if arr.size and int(arr.max()) >= 2**depth:
             raise _fail(path, f"has values above its declared {depth}-bit depth", "Re-export the image")
@@ -465,11 +487,37 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, _write)
 
 
-def load_weights(network, ckpt: str | os.PathLike | None, device="cpu") -> None:
+def checkpoint_problem(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in a few whole words: empty, truncated, pickled code or
+    not a PyTorch file. Never torch's own advice, which is to load with ``weights_only=False`` - that would run
+    whatever code a planted file holds."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return f"cannot be read: {err.strerror or type(err).__name__}"
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head == b"PK\x03\x04":  # torch.save's zip container
+        import zipfile
+
+        if not zipfile.is_zipfile(path):
+            return f"the file is truncated at {size} bytes: an incomplete download or copy"
+    if "Weights only load failed" in str(exc):
+        if "GLOBAL" in str(exc) or "global" in str(exc):
+            return "it holds pickled objects or code besides weights, which are not loaded for safety"
+        return "corrupt, or not a file written by torch.save"
+    return f"{type(exc).__name__}; corrupt, truncated or not a file written by torch.save"
+
+
+def load_weights(network, ckpt: str | os.PathLike | None, device="cpu", option: str = "--ckpt_path") -> None:
     """Load a plain state_dict (or a ``{"model": state_dict}`` checkpoint) into ``network``.
 
-    ``ckpt=None`` keeps the random initialisation (with a warning); a missing file or weights that do not fit the
-    network raise :class:`DataError` naming the file and what to do.
+    ``ckpt=None`` keeps the random initialisation (with a warning); a missing, empty, truncated or foreign file or
+    weights that do not fit the network raise :class:`DataError` naming the file and what to do, with ``option``
+    (the command-line option that gives the file: ``--ckpt_path`` for the configs, ``--ckpt`` for
+    ``scripts/segment.py``).
     """
     import logging
 
@@ -479,15 +527,12 @@ def load_weights(network, ckpt: str | os.PathLike | None, device="cpu") -> None:
         logging.getLogger(__name__).warning("no checkpoint given: the network keeps its random initialisation")
         return
     if not Path(ckpt).is_file():
-        raise DataError(f"{ckpt}: checkpoint not found. Train the bundle first or pass --ckpt models/model.pt")
+        raise DataError(f"{ckpt}: checkpoint not found. Train the bundle first or pass {option} models/model.pt")
     try:
         state = torch.load(ckpt, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated, not a torch file, or pickled code that weights_only refuses
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        if "Weights only load failed" in first:  # torch's advice (weights_only=False) would run the file's code
-            first = "corrupt, or holding pickled objects besides weights, which are not loaded for safety"
-        raise DataError(f"{ckpt}: is not a readable PyTorch weights file ({type(exc).__name__}: {first}). "
-                        "Re-download or re-train it, or pass the shipped models/model.pt") from exc
+    except Exception as exc:  # empty, truncated, not a torch file, or pickled code that weights_only refuses
+        raise DataError(f"{ckpt}: is not a readable PyTorch weights file ({checkpoint_problem(ckpt, exc)}). "
+                        f"Re-download or re-train it, or pass the shipped weights: {option} models/model.pt") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

@@ -523,8 +523,8 @@ def ensure_dataset(
         return dataset_dir
     if not download:
         raise DataError(
-            f"{dataset_dir}: dataset folder is missing or empty and download=False. Pass an existing dataset "
-            "folder, or download=True to fetch the TNBC release"
+            f"{dataset_dir}: dataset folder is missing or empty and download is off. Pass an existing dataset "
+            "folder, or --download true to fetch the TNBC release into it"
         )
     from bundle.data.prepare import convert_tnbc
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from ignite.handlers import Checkpoint
 from monai.engines.utils import IterationEvents
 
 from bundle.cli import as_flag
-from bundle.data.io import atomic_write
+from bundle.data.io import DataError, atomic_write, checkpoint_problem, load_weights
 from bundle.distributed import is_rank0
 from bundle.model.losses import DSHFNLoss
 from bundle.nuclei.overlays import contour_overlay
@@ -30,6 +31,32 @@ logger = logging.getLogger("bundle.engine.handlers")
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temporary file in the target folder, then rename: a crash never leaves half a file."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+#: ignite's start line for an engine whose state MONAI set up before ``run()``: every fresh run "resumes from
+#: iteration 0"
+_FRESH_START = re.compile(r"^Engine run resuming from iteration 0, epoch (\d+) until (\d+) epochs$")
+
+
+class _FreshStartFilter(logging.Filter):
+    """Say "starting" where ignite says "resuming from iteration 0" (a real resume is logged by
+    :class:`ResumableCheckpoint` with the epoch it continues from)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = _FRESH_START.match(record.getMessage())
+        if m:
+            epoch, max_epochs = int(m.group(1)), int(m.group(2))
+            record.msg = (f"Engine run starting with max_epochs={max_epochs}" if epoch == 0
+                          else f"Engine run starting at epoch {epoch + 1}")
+            record.args = ()
+        return True
+
+
+def log_fresh_start(engine: Engine | None) -> None:
+    """Install :class:`_FreshStartFilter` on ``engine``'s logger (once)."""
+    log = getattr(engine, "logger", None)
+    if log is not None and not any(isinstance(f, _FreshStartFilter) for f in log.filters):
+        log.addFilter(_FreshStartFilter())
 
 
 class GradientClipHandler:
@@ -138,8 +165,9 @@ class ResumableCheckpoint:
         self.save_dict = dict(save_dict)
         if validator is not None:
             self.save_dict["validator_best"] = _ValidatorBest(validator)
-        self.resume = as_flag(resume, "resume")
+        self.resume = as_flag(resume, "--resume")
         self.map_location = map_location
+        self.validator = validator
 
     def _objects(self, engine: Engine) -> dict[str, Any]:
         objs = {"trainer": engine, **self.save_dict}
@@ -154,6 +182,8 @@ class ResumableCheckpoint:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+        log_fresh_start(engine)
+        log_fresh_start(self.validator)
 
     def save(self, engine: Engine) -> None:
         # every rank loads (so all resume together) but only rank 0 writes
@@ -171,17 +201,49 @@ class ResumableCheckpoint:
             # weights_only: tensors and plain containers/numbers only (what save() writes), so a planted file cannot
             # run code on load
             ckpt = torch.load(self.save_path, map_location=self.map_location, weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say which and what to do
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            raise RuntimeError(f"cannot read checkpoint {self.save_path} ({type(e).__name__}: {first}); "
-                               "delete it or set resume to false") from e
+        except Exception as e:  # an empty, truncated, foreign or planted file: say which and what to do
+            raise DataError(f"{self.save_path}: cannot read the checkpoint to resume from "
+                            f"({checkpoint_problem(self.save_path, e)}). Delete it, or give --resume false to "
+                            "start afresh (it is overwritten)") from None
+        if not isinstance(ckpt, dict) or "trainer" not in ckpt:  # e.g. a model.pt given as the checkpoint
+            raise DataError(f"{self.save_path}: is not a resumable training checkpoint (no trainer state; "
+                            "model.pt holds weights only). Delete it, or give --resume false to start afresh")
         objs = {k: v for k, v in self._objects(engine).items() if k in ckpt}
         max_epochs = engine.state.max_epochs
-        Checkpoint.load_objects(to_load=objs, checkpoint=ckpt)
+        try:
+            Checkpoint.load_objects(to_load=objs, checkpoint=ckpt)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:  # another network, optimiser or schedule
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{self.save_path}: does not fit this training's network or optimiser "
+                            f"({detail if len(detail) <= 160 else type(e).__name__}). Resume with the config it was "
+                            "written by, or give --resume false to start afresh") from None
         if max_epochs is not None and engine.state.epoch > max_epochs:
-            raise ValueError(f"{self.save_path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}: raise max_epochs to continue")
+            raise DataError(f"{self.save_path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}: "
+                            "give --max_epochs above it to continue")
         engine.state.max_epochs = max_epochs
         logger.info(f"resumed from {self.save_path} at epoch {engine.state.epoch}")
+
+
+class WeightsLoader:
+    """Load the network's weights when the engine starts, through :func:`bundle.data.io.load_weights` (weights
+    only): a missing, empty, truncated, foreign or planted file stops with one line naming ``option``, where
+    MONAI's ``CheckpointLoader`` ends a long traceback with torch's advice to load with ``weights_only=False``.
+
+    Accepts a plain state dict or ``{"model": state_dict}`` (what training writes), into a DDP-wrapped network too.
+    """
+
+    def __init__(self, load_path: str | None, network: torch.nn.Module, map_location: Any = "cpu",
+                 option: str = "--ckpt_path") -> None:
+        self.load_path, self.network, self.map_location, self.option = load_path, network, map_location, option
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+        log_fresh_start(engine)
+
+    def __call__(self, engine: Engine) -> None:
+        net = self.network.module if isinstance(self.network, torch.nn.parallel.DistributedDataParallel) else self.network
+        load_weights(net, self.load_path, self.map_location, option=self.option)
+        logger.info(f"weights loaded from {self.load_path}")
 
 
 class LearningRateLogger:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.cli import read_flags
 from bundle.data.scale import model_shape, scale_factor
 from bundle.distributed import gather_objects
 from bundle.evaluation.instance import instance_metrics
@@ -119,7 +120,7 @@ class InstanceMetricsHandler:
             raise ValueError(f"InstanceMetricsHandler: unknown metric(s) {unknown}; choose from {list(known)}")
         self.pred_key = pred_key
         self.label_key = label_key
-        self.params = WatershedParams.from_dict(watershed or {})
+        self.params = WatershedParams.from_dict(read_flags(watershed, WatershedParams, "--watershed"))
         self.metrics = list(metrics)
         self.model_pixel_size = model_pixel_size
         self.pixel_size_key = pixel_size_key

@@ -21,7 +21,7 @@ import torch
 from monai.data import partition_dataset
 from monai.inferers import SlidingWindowInferer
 
-from bundle.cli import as_flag
+from bundle.cli import as_flag, read_flags
 from bundle.data.io import DataError, load_weights, tile_id, write_text_atomic
 from bundle.data.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, check_pixel_size
 from bundle.distributed import gather_objects, rank_and_size
@@ -34,12 +34,15 @@ from bundle.nuclei.watershed import WatershedParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_FORMATS", "DONE_SUFFIX", "SUMMARY_FILE", "NucleiSegmenter", "check_settings", "load_segmenter"]
+__all__ = ["DEFAULT_FORMATS", "DONE_SUFFIX", "RUN_FILES", "SUMMARY_FILE", "NucleiSegmenter", "check_settings",
+           "closing_line", "exit_code", "load_segmenter"]
 
 #: per-image resume marker, written after every other output of the image
 DONE_SUFFIX = "_summary.json"
 #: the run's summary (rank 0): images done / skipped / failed, nuclei, the failures with their reasons
 SUMMARY_FILE = "segment_summary.json"
+#: files of the run itself in the output folder, which no image's outputs may overwrite
+RUN_FILES = (SUMMARY_FILE,)
 DEFAULT_FORMATS = ("png", "geojson", "csv", "overlay")
 #: what a slide gets: nothing image-sized
 SLIDE_FORMATS = ("geojson", "csv")
@@ -47,6 +50,33 @@ SLIDE_FORMATS = ("geojson", "csv")
 
 def _square(roi: int | Sequence[int]) -> int:
     return int(roi) if isinstance(roi, int) else int(roi[0])
+
+
+def run_file_clash(path: Path, formats: Sequence[str]) -> str | None:
+    """The run-level file (:data:`RUN_FILES`) an image's outputs would overwrite (``segment.png`` ->
+    ``segment_summary.json``), else None; compared case-insensitively, as on macOS and Windows."""
+    stem = tile_id(path)
+    names = {f"{stem}{DONE_SUFFIX}"} | {p.name for f in formats for p in output_files(Path("."), stem, f)}
+    run_files = {f.casefold(): f for f in RUN_FILES}
+    return next((run_files[n.casefold()] for n in sorted(names) if n.casefold() in run_files), None)
+
+
+def closing_line(result: Mapping[str, Any], output_dir: str | os.PathLike) -> str:
+    """The last line of a run: counts, the failed inputs (the first few) and where the outputs are."""
+    line = (f"{result['images_done']} images done, {result['images_skipped']} skipped (outputs existed), "
+            f"{result['images_failed']} failed, {result['nuclei']} nuclei; outputs in {output_dir}")
+    if result["images_failed"]:
+        names = [Path(f["tile"]).name for f in result["failed"]]
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        line += f"; failed: {', '.join(names[:5])}{more} (reasons in {Path(output_dir) / SUMMARY_FILE})"
+    return line
+
+
+def exit_code(result: Mapping[str, Any]) -> int:
+    """0: every image done or skipped; 1: some failed (listed in the run summary); 2: nothing useful produced."""
+    if not result["images_failed"]:
+        return 0
+    return 1 if result["images_done"] + result["images_skipped"] > 0 else 2
 
 
 def check_settings(
@@ -134,12 +164,20 @@ class NucleiSegmenter:
         self.pixel_size, self.model_pixel_size = pixel_size, float(model_pixel_size)
         self.inferer, self.roi = inferer, _square(inferer.roi_size)
         self.input_dir, self.output_dir = input_dir, output_dir
-        self.watershed = watershed if isinstance(watershed, WatershedParams) else WatershedParams.from_dict(watershed or {})
+        # on/off fields read by word (bundle.cli.read_flags), like every switch of the config
+        self.watershed = watershed if isinstance(watershed, WatershedParams) else \
+            WatershedParams.from_dict(read_flags(watershed, WatershedParams, "--watershed"))
         self.post_scale, self.formats, self.threshold = str(post_scale), tuple(formats), float(threshold)
         self.chunk, self.halo, self.post_chunk = int(chunk), int(halo), int(post_chunk)
         self.level, self.slide, self.amp = int(level), slide, as_flag(amp, "amp")
         self.resume, self.progress = as_flag(resume, "resume"), as_flag(progress, "progress")
         self._predictor: SlidingWindowPredictor | None = None
+        #: the option that gives ``ckpt`` on the front end in use (the messages name it)
+        self.ckpt_option = "--ckpt_path"
+        #: the last :meth:`run`'s summary (what :meth:`finish` reports)
+        self.result: dict[str, Any] | None = None
+        self._result_dir: Path | None = None
+        self._chunk_bars = self.progress
 
     # -- which images, which outputs ----------------------------------------------------------------------------
     def is_slide(self, path: Path) -> bool:
@@ -169,7 +207,7 @@ class NucleiSegmenter:
         """The network with its weights (loaded once) as a sliding-window predictor."""
         if self._predictor is None:
             if self.ckpt is not None:
-                load_weights(self.network, self.ckpt, self.device)
+                load_weights(self.network, self.ckpt, self.device, option=self.ckpt_option)
             self.network.to(self.device)
             self._predictor = SlidingWindowPredictor(self.network, device=self.device, amp=self.amp,
                                                      inferer=self.inferer)
@@ -182,14 +220,15 @@ class NucleiSegmenter:
         if self.is_slide(path):
             return segment_slide(path, output_dir, self.predictor(), self.reference, level=self.level,
                                  pixel_size=self.pixel_size, model_pixel_size=self.model_pixel_size,
-                                 params=self.watershed, formats=self.formats_of(path), progress=self.progress, **chunking)
+                                 params=self.watershed, formats=self.formats_of(path), progress=self._chunk_bars,
+                                 **chunking)
         source = open_source(path)
         stem = tile_id(path)
         pixel_size = DEFAULT_PIXEL_SIZE if self.pixel_size is None else self.pixel_size
         sink = TileOutputs(output_dir, stem, source.shape, self.formats, threshold=self.threshold)
         try:
             summary = segment_image(source, self.predictor(), sink, self.reference, pixel_size, self.model_pixel_size,
-                                    self.watershed, progress=self.progress, **chunking)
+                                    self.watershed, progress=self._chunk_bars, **chunking)
             paths = sink.close(source)
         except BaseException:
             sink.abort()
@@ -215,17 +254,25 @@ class NucleiSegmenter:
         if not inputs.exists():
             raise DataError(f"{inputs}: {option} does not exist. Give an image file or a folder of tiles")
         tiles = tiles_for_run(inputs if inputs.is_dir() else [inputs], output_dir, option)
+        clashes = {t: run_file_clash(t, self.formats_of(t)) for t in tiles}
+        clashed = [{"tile": str(t), "error": f"its outputs would overwrite the run's {name}. Rename the file "
+                    f"(e.g. {t.stem}_1{t.suffix}) and run again"} for t, name in clashes.items() if name]
+        rank, world_size = rank_and_size()
+        for c in clashed if rank == 0 else []:
+            logger.error(f"{c['tile']}: skipped, {c['error']}")
+        tiles = [t for t in tiles if not clashes[t]]
         earlier = {t: self.done_summary(t, output_dir) for t in tiles} if self.resume and inputs.is_dir() else {}
         earlier = {t: s for t, s in earlier.items() if s is not None}
         todo = [t for t in tiles if t not in earlier]
         if earlier:
             logger.info(f"{len(earlier)} of {len(tiles)} images already have their outputs in {output_dir}: skipped")
-        rank, world_size = rank_and_size()
         mine = partition_dataset(todo, num_partitions=world_size, shuffle=False, even_divisible=False)[rank] if todo else []
         if todo:
             self.predictor()  # a bad checkpoint stops the run here, with one line
         done, failed, nuclei = [], [], 0
         iterator = mine
+        # one bar at a time: nested bars move the cursor with escape codes, which end up in log files
+        self._chunk_bars = self.progress and len(mine) <= 1
         if self.progress and len(mine) > 1:
             from tqdm import tqdm
 
@@ -249,22 +296,32 @@ class NucleiSegmenter:
         result = {
             "images_done": sum(len(p["done"]) for p in parts),
             "images_skipped": len(earlier),
-            "images_failed": sum(len(p["failed"]) for p in parts),
+            "images_failed": 0,  # set below, from the list
             "nuclei": nuclei_now + sum(int(s.get("nuclei", 0)) for s in earlier.values()),
             "nuclei_this_run": nuclei_now,
             "done": sorted(d for p in parts for d in p["done"]),
             "done_per_rank": [len(p["done"]) for p in parts],
-            "failed": [f for p in parts for f in p["failed"]],
+            "failed": clashed + [f for p in parts for f in p["failed"]],
         }
+        result["images_failed"] = len(result["failed"])
+        self.result, self._result_dir = result, output_dir
         if rank == 0:
-            logger.info(f"{result['images_done']} images done, {result['images_skipped']} skipped (outputs existed), "
-                        f"{result['images_failed']} failed, {result['nuclei']} nuclei")
             write_text_atomic(output_dir / SUMMARY_FILE, json.dumps(result, indent=2) + "\n")
+            logger.info(closing_line(result, output_dir))
         if result["images_failed"] and not result["images_done"] and not result["images_skipped"]:
             first = result["failed"][0]
             raise DataError(f"{first['tile']}: every image failed ({result['images_failed']}; first: {first['error']}). "
                             f"See {output_dir / SUMMARY_FILE} and fix the inputs")
         return result
+
+    def finish(self) -> None:
+        """End a ``monai.bundle run`` (the config's ``finalize``): exit 1 when some images failed, so a script
+        driving the command sees it; the closing line (the failed files and where they are listed) is printed
+        again as the last line. Nothing to do when every image was done or skipped."""
+        if self.result is None or not exit_code(self.result):
+            return
+        rank, _ = rank_and_size()  # every rank exits non-zero, rank 0 says why
+        raise SystemExit(f"error: {closing_line(self.result, self._result_dir)}" if rank == 0 else 1)
 
 
 def load_segmenter(config_files: str | os.PathLike | Sequence[str | os.PathLike], **overrides: Any) -> NucleiSegmenter:

@@ -147,9 +147,12 @@ class DSHFNLoss(_Loss):
                 raise ValueError(f"DSHFNLoss: {name} must be >= 0, got {value}")
         if alpha == beta == gamma == 0 and (instance_head == "none" or delta == 0):
             raise ValueError("DSHFNLoss: at least one of alpha, beta, gamma (or delta, with an instance head) must be > 0")
-        self.weights = {"seg": float(alpha), "edge": float(beta), "glga": float(gamma), "inst": float(delta)}
         self.instance_head = check_instance_head(instance_head, "DSHFNLoss: instance_head")
         self.n_inst = instance_channels(instance_head)
+        # the paper's loss (no head) has exactly its three weighted terms
+        self.weights = {"seg": float(alpha), "edge": float(beta), "glga": float(gamma)}
+        if self.n_inst:
+            self.weights["inst"] = float(delta)
         self.inst_loss = InstanceMapLoss(instance_head) if self.n_inst else None
         self.log_disabled_terms = log_disabled_terms
         self.seg_loss = DiceCELoss(sigmoid=True)

@@ -9,8 +9,11 @@ can leak from the held-out fold.
 
 Runs are resumable at two levels: a training subprocess resumes from its per-epoch checkpoint, and a
 (variant, fold) whose results are already under ``results_dir`` is skipped. Results are copied to
-``docs/results/<dataset>_<schedule>/<variant>/fold<k>_<resolution>.csv`` (per image) and ``.json`` (summary) as each fold
-finishes, so tables can be assembled across sessions and machines with :func:`summarise`.
+``<results_dir>/<variant>/fold<k>_<resolution>.csv`` (per image) and ``.json`` (summary) as each fold finishes, so
+tables can be assembled across sessions and machines with :func:`summarise`. ``scripts/experiments.py`` writes them
+under its runs folder, and into ``docs/results/<dataset>_<schedule>`` only when asked (``--publish``); the fold split
+is the committed one (``configs/splits/``) when it was made from the same meta.csv, else one written under the runs
+folder (:func:`split_file_for`), so a user's experiment never writes into the bundle.
 """
 
 from __future__ import annotations
@@ -70,6 +73,31 @@ def keep_curve(run_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
     data = (Path(run_dir) / "curve.csv").read_bytes()
     atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
 
+def split_file_for(dataset_dir: str | os.PathLike, runs_dir: str | os.PathLike, n_folds: int = 5, seed: int = 42) -> str:
+    """The k-fold split file of ``dataset_dir``: the committed ``configs/splits/<name>_<K>fold_seed<S>.json`` when it
+    was made from this dataset's meta.csv (read only), else ``<runs_dir>/splits/`` (made there on first use)."""
+    from bundle.data.layout import meta_hash
+
+    name = f"{os.path.basename(os.path.normpath(dataset_dir))}_{n_folds}fold_seed{seed}.json"
+    committed = Path(bundle_root()) / "configs" / "splits" / name
+    try:
+        if json.loads(committed.read_text(encoding="utf-8")).get("meta_csv_sha256") == meta_hash(dataset_dir):
+            return str(committed)
+    except (OSError, ValueError, AttributeError):  # none committed, unreadable, or no meta.csv to compare with
+        pass
+    return str(Path(runs_dir) / "splits" / name)
+
+
+def schedule_tag(schedule: str | os.PathLike, max_epochs: int | None = None) -> str:
+    """The name a run's results are filed under: the schedule file's name, its epoch count replaced by
+    ``max_epochs`` when that is given (``cpu_40ep`` with ``--max_epochs 1`` is ``cpu_1ep``, never ``cpu_40ep``)."""
+    stem = os.path.splitext(os.path.basename(schedule))[0]
+    if max_epochs is None:
+        return stem
+    tagged, n = re.subn(r"\d+ep$", f"{int(max_epochs)}ep", stem)
+    return tagged if n else f"{stem}_{int(max_epochs)}ep"
+
+
 def _config_files(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str] = ()) -> list[Path]:
     """Config files in merge order: train.json, the ``pipeline`` files (e.g. evaluate.json), the variant,
     ``overrides``.
@@ -90,8 +118,12 @@ def _configs(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str
 
 def bundle_run(run_id: str, config_file: str, overrides: dict[str, Any], log_path: Path) -> None:
     """``python -m monai.bundle run <run_id>`` in a subprocess (a fresh process per run: memory is returned)."""
+    from bundle.cli import data_path, data_value
+
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file]
     for key, value in overrides.items():
+        if isinstance(value, str):  # data, never code: MONAI's parser runs a leading $ and follows @ and %
+            value = data_path(value) if key.endswith(("_dir", "_file", "_path")) else data_value(value, f"--{key}")
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
@@ -117,12 +149,14 @@ def run_fold(
     device: str | None = None,
     num_workers: int = 0,
     overrides: Sequence[str] = (),
+    split_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train ``variant`` on ``fold`` (resuming a killed run), evaluate its held-out fold at both resolutions and
     copy the per-image CSV and summary JSON to ``results_dir``. Skipped when those results exist.
 
     ``overrides``: config files merged last (after the variant): the schedule (``configs/schedules/``) or, in a
-    smoke test, a smaller network. ``max_epochs`` (if given) overrides both.
+    smoke test, a smaller network. ``max_epochs`` (if given) overrides both. ``split_file``: the fold split (default:
+    the config's, kfold.json's ``split_file``).
     """
     wanted = [result_paths(results_dir, variant, fold, r) for r in RESOLUTIONS]
     out = Path(runs_dir) / variant / f"fold{fold}"
@@ -130,7 +164,7 @@ def run_fold(
         {"variant": variant, "fold": fold}, f"{variant} fold {fold}", out,
         lambda: all(c.is_file() and j.is_file() for c, j in wanted),
         lambda: _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, device, num_workers,
-                                 overrides, wanted),
+                                 overrides, wanted, split_file),
     )
 
 
@@ -203,9 +237,11 @@ def _alive(lock: Path) -> bool:
 
 
 def _run_fold_locked(variant, fold, dataset_dir, out, results_dir, max_epochs, device, num_workers, overrides,
-                     wanted) -> dict[str, Any]:
+                     wanted, split_file=None) -> dict[str, Any]:
     common: dict[str, Any] = {"dataset_dir": str(dataset_dir), "output_dir": str(out), "fold": fold,
                               "num_workers": num_workers}
+    if split_file is not None:
+        common["split_file"] = str(split_file)
     if device:
         common["device"] = device_name(device)
     log_path = out / "experiment.log"
@@ -394,6 +430,7 @@ def run_transfer_row(
     device: str | None = None,
     num_workers: int = 0,
     overrides: Sequence[str] = (),
+    split_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Row ``row`` of the cross-organ transfer matrix (:mod:`bundle.research.transfer`): train ``variant`` on fold ``row``'s
     organ, select the checkpoint on fold ``row + 1``, evaluate every tile once, and file the per-image rows of each
@@ -406,8 +443,12 @@ def run_transfer_row(
     from bundle.data.layout import load_or_create_splits
     from bundle.research.transfer import fold_role, transfer_folds
 
+    from bundle.cli import data_path
+
     train_files = _config_files(variant, TRANSFER_TRAIN, overrides)
-    config = {"dataset_dir": str(dataset_dir), "fold": row}
+    config = {"dataset_dir": data_path(str(dataset_dir)), "fold": row}  # parsed here too: data, never code
+    if split_file is not None:
+        config["split_file"] = data_path(str(split_file))
     split_file, n_folds, seed = _config_values(train_files, config, ("split_file", "n_folds", "seed"))
     folds = transfer_folds(row, n_folds)
     splits = load_or_create_splits(dataset_dir, split_file, n_folds, seed)

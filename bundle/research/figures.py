@@ -34,7 +34,7 @@ def read_curves(csv_path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {k: np.array([float(r[k]) if r[k] else np.nan for r in rows]) for k in (rows[0] if rows else [])}
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -45,7 +45,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: str | os.PathLike) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
     from bundle.data.io import atomic_write
 
     path = Path(path)
@@ -57,7 +57,7 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
 def plot_curves(results_dir: str | os.PathLike, variants: Sequence[str], out_png: str | os.PathLike,
                 tags: Sequence[str] = ("val_mean_dice", "val_bf1", "loss_total")) -> Path:
     """Per-epoch curves (one panel per tag), every fold a thin line, the fold mean a thick one, per variant."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4), squeeze=False)
     for colour, variant in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], variants):
         curves = [read_curves(p) for p in sorted(Path(results_dir, variant).glob("fold*_curves.csv"))]
@@ -73,7 +73,7 @@ def plot_curves(results_dir: str | os.PathLike, variants: Sequence[str], out_png
             ax.set_xlabel("epoch")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    out = _save(fig, out_png)
+    out = save_figure(fig, out_png)
     plt.close(fig)
     return out
 
@@ -81,7 +81,7 @@ def plot_curves(results_dir: str | os.PathLike, variants: Sequence[str], out_png
 def plot_training_curve(curve_csv: str | os.PathLike, out_png: str | os.PathLike) -> Path:
     """One run's ``curve.csv`` (:class:`bundle.engine.handlers.TrainingCurve`) against its CPU hours: the loss
     terms, the validation Dice and BF1 (validated epochs only) and the learning rate, one panel each."""
-    plt = _pyplot()
+    plt = pyplot()
     c = read_curves(curve_csv)
     hours = np.cumsum(c["cpu_seconds"]) / 3600
     fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.4))
@@ -97,7 +97,7 @@ def plot_training_curve(curve_csv: str | os.PathLike, out_png: str | os.PathLike
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    out = _save(fig, out_png)
+    out = save_figure(fig, out_png)
     plt.close(fig)
     return out
 
@@ -120,7 +120,7 @@ def training_curve_table(curve_csv: str | os.PathLike, every: int = 4) -> str:
 def plot_metric_bars(results_dir: str | os.PathLike, variants: Sequence[str], out_png: str | os.PathLike,
                      resolution: str = "paper", metrics: Sequence[str] = ("dice", "iou", "bf1", "hd95")) -> Path:
     """Mean +- SD over folds of each fold's mean test metric, one panel per metric, one bar per variant."""
-    plt = _pyplot()
+    plt = pyplot()
     found = collect(results_dir, resolution)
     names = [v for v in variants if v in found]
     labels = {key: label for key, label, _ in TABLE_METRICS}
@@ -136,7 +136,7 @@ def plot_metric_bars(results_dir: str | os.PathLike, variants: Sequence[str], ou
         ax.set_title(labels.get(key, key))
     fig.suptitle(f"test folds, {resolution} resolution (dots: folds)", fontsize=9)
     fig.tight_layout()
-    out = _save(fig, out_png)
+    out = save_figure(fig, out_png)
     plt.close(fig)
     return out
 
@@ -148,7 +148,7 @@ def plot_transfer_heatmap(results_dir: str | os.PathLike, out_png: str | os.Path
     (it chose the checkpoint) and training organ are hatched grey and labelled "val" / "train"."""
     from matplotlib.patches import Rectangle
 
-    plt = _pyplot()
+    plt = pyplot()
     cells = transfer_matrix(results_dir, variant, metric)
     if not cells:
         raise FileNotFoundError(f"{Path(results_dir) / variant}: no train<i>_<role><j>.csv with a '{metric}' column; "
@@ -184,7 +184,7 @@ def plot_transfer_heatmap(results_dir: str | os.PathLike, out_png: str | os.Path
     ax.set_title(title or f"{variant}: cross-organ transfer, mean {metric} per tile\n"
                  "hatched: val = model selection organ, train = training organ (not test results)", fontsize=9)
     fig.tight_layout()
-    out = _save(fig, out_png)
+    out = save_figure(fig, out_png)
     plt.close(fig)
     return out
 

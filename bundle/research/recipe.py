@@ -218,6 +218,31 @@ def recipe_table(results_dir: str | os.PathLike, baseline: Mapping[str, Any] | N
     return "\n".join(lines)
 
 
+def _scored_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    return files
+
+
+def per_dataset_table(paths: Sequence[str | os.PathLike], datasets: Sequence[str] = ("consep", "monuseg")) -> str:
+    """Markdown table of scored weights (probe results or ``scripts/recipe.py score --out`` files; a folder stands
+    for its ``*.json``), best mean AJI first: AJI over the instance-labelled tiles, then AJI / PQ / Dice of each of
+    ``datasets``, the watershed's boundary threshold and how many settings its search tried."""
+    rows = [(p.stem, json.loads(p.read_text())) for p in _scored_files(paths)]
+    rows.sort(key=lambda r: -r[1]["instance_sets"].get("aji", float("nan")))
+    cols = " | ".join(f"{d} AJI | {d} PQ | {d} Dice" for d in datasets)
+    lines = [f"| weights | AJI | {cols} | boundary threshold | settings tried | train CPU min |",
+             "|---|---|" + "---|" * (3 * len(datasets)) + "---|---|---|"]
+    for stem, r in rows:
+        per = r["per_dataset"]
+        cells = " | ".join(f"{per.get(d, {}).get(m, float('nan')):.3f}" for d in datasets for m in ("aji", "pq", "dice"))
+        tried = (r.get("tuning") or {}).get("settings", "(fixed)")
+        lines.append(f"| {r.get('probe', stem)} | {r['instance_sets']['aji']:.3f} | {cells} | "
+                     f"{r['watershed']['boundary_threshold']} | {tried} | {r.get('train_cpu_minutes', '')} |")
+    return "\n".join(lines)
+
+
 def loader_throughput(config_files: Sequence[str], overrides: Mapping[str, Any], batches: int = 20) -> dict[str, float]:
     """Seconds per training batch spent in data loading (the cached chain's random part: crop, stain
     augmentation, input conversion, geometric augmentation, targets) and in the network step (forward, loss,

@@ -15,6 +15,7 @@ For every pair of true nuclei that touch (4-neighbours with different ids) in an
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -100,9 +101,9 @@ def plot_worst_tiles(tiles: Sequence[Mapping[str, Any]], out_png: str | os.PathL
     ``title`` (and ``image`` (H, W, 3) uint8 with ``data_pixels``)."""
     from skimage.segmentation import find_boundaries
 
-    from bundle.research.figures import _pyplot, _save
+    from bundle.research.figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     columns = 5 if data_pixels else 3
     fig, axes = plt.subplots(len(tiles), columns, figsize=(3.3 * columns, 3.5 * len(tiles)), squeeze=False)
     for row, t in zip(axes, tiles):
@@ -132,18 +133,21 @@ def plot_worst_tiles(tiles: Sequence[Mapping[str, Any]], out_png: str | os.PathL
             ax.axis("off")
         row[0].set_title(f"{t['title']}\n{row[0].get_title()}", fontsize=9)
     fig.tight_layout()
-    out = _save(fig, out_png)
+    out = save_figure(fig, out_png)
     plt.close(fig)
     return out
 
 
 def diagnose_weights(config_files: Sequence[str], overrides: Mapping[str, Any], weights: str | os.PathLike,
                      params: WatershedParams, out_png: str | os.PathLike | None = None, worst: int = 3,
-                     data_pixels: bool = False) -> dict[str, Any]:
+                     data_pixels: bool = False, sweep_thresholds: Sequence[float] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+                     ) -> dict[str, Any]:
     """Diagnose ``weights`` (trained with ``config_files`` + ``overrides``) on the instance-labelled validation
     tiles with the watershed ``params``: per tile and summed, and per dataset; the ``worst`` tiles by AJI drawn to
     ``out_png`` (with the images and true contours when ``data_pixels``; see :func:`plot_worst_tiles`). Maps are at
-    the model scale, which must be the tiles' own (true for the bundle's 40x data)."""
+    the model scale, which must be the tiles' own (true for the bundle's 40x data). ``threshold_sweep``: mean AJI
+    (all, per dataset) and merged share with ``params`` at each of ``sweep_thresholds`` as the boundary threshold:
+    a boundary that is there but too faint for ``params`` would show as AJI rising at lower thresholds."""
     from monai.bundle import ConfigParser
 
     from bundle.data.io import load_weights, read_image
@@ -165,6 +169,15 @@ def diagnose_weights(config_files: Sequence[str], overrides: Mapping[str, Any], 
         d.update(id=t["id"], dataset=t["dataset"], aji=float(aji(d["pred"], t["truth"])))
         drawn.append({**t, "pred": d.pop("pred")})
         rows.append(d)
+    sweep = []
+    for threshold in sweep_thresholds:
+        p = dataclasses.replace(params, boundary_threshold=float(threshold))
+        ds = [diagnose_tile(t["region"], t["boundary"], t["truth"], p) | {"dataset": t["dataset"],
+              "aji": float(aji(instances_from_maps(t["region"], t["boundary"], p), t["truth"]))} for t in tiles]
+        sweep.append({"boundary_threshold": float(threshold),
+                      "aji": {name: float(np.mean([d["aji"] for d in ds if name in ("all", d["dataset"])]))
+                              for name in ("all", *sorted({d["dataset"] for d in ds}))},
+                      "merged_share": summarise(ds)["merged_share"]})
     order = np.argsort([r["aji"] for r in rows])[:worst]
     if out_png is not None and len(order):
         has_head = int(getattr(network, "instance_head", "none") != "none")
@@ -175,4 +188,4 @@ def diagnose_weights(config_files: Sequence[str], overrides: Mapping[str, Any], 
                           for i in order], out_png, data_pixels=data_pixels)
     return {"weights": str(weights), "watershed": params.to_dict(), "overall": summarise(rows),
             "per_dataset": {ds: summarise([r for r in rows if r["dataset"] == ds]) for ds in sorted({r["dataset"] for r in rows})},
-            "worst": [rows[i]["id"] for i in order], "tiles": rows}
+            "threshold_sweep": sweep, "worst": [rows[i]["id"] for i in order], "tiles": rows}

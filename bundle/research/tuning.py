@@ -33,7 +33,9 @@ __all__ = ["THRESHOLD_GRID", "SIZE_GRID", "model_scale_maps", "validation_items"
 THRESHOLD_GRID: dict[str, tuple] = {
     "mask_threshold": (0.4, 0.5, 0.6),
     "marker_threshold": (0.5, 0.7),
-    "boundary_threshold": (0.3, 0.5, 0.7),
+    # down to 0.05: the boundary map is faint on the lines where nuclei touch (docs/README.md, "Separating touching
+    # nuclei")
+    "boundary_threshold": (0.05, 0.1, 0.2, 0.3, 0.5, 0.7),
 }
 #: stage 2: sizes in model pixels (0.5 um/px: a nucleus of 6 um is ~110 px) and the elevation smoothing
 SIZE_GRID: dict[str, tuple] = {

@@ -1,5 +1,5 @@
-"""Inference cost per square millimetre of tissue: DS-HFN as ``configs/inference.json`` runs it next to MONAI's
-``HoVerNet(mode="fast")`` and ``BasicUNet``.
+"""Inference cost per square millimetre of tissue: DS-HFN as ``configs/inference.json`` runs it (and with each other
+instance head) next to MONAI's ``HoVerNet(mode="fast")`` and ``BasicUNet``.
 
     python scripts/benchmark.py --suite cost           # eval forward, batch 4 x 256 x 256, CPU
     python scripts/benchmark.py --suite cost --quick   # batch 1, smoke run
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from monai.networks.nets import BasicUNet, HoVerNet
 
+from bundle.model.instance import INSTANCE_HEADS
 from bundle.research.bench import time_call
 
 SIZE = 256
@@ -26,10 +27,10 @@ HOVERNET_PIXEL_SIZE = 0.25
 HOVERNET_OUT = 164  # MONAI HoVerNet(mode="fast"): valid convolutions crop a 256 window to its central 164
 
 
-def inference_network(config_files: list[str]) -> tuple[torch.nn.Module, int, float]:
+def inference_network(config_files: list[str], **overrides: Any) -> tuple[torch.nn.Module, int, float]:
     from bundle.inference.engine import load_segmenter
 
-    s = load_segmenter(config_files, ckpt_path=None)
+    s = load_segmenter(config_files, ckpt_path=None, **overrides)
     return s.network, int(getattr(s.network, "in_channels", 1)), s.model_pixel_size
 
 
@@ -38,12 +39,16 @@ def run(args: Any) -> list[dict]:
 
     device = torch.device(args.device)
     batch = 1 if args.quick else 4
-    dshfn, in_ch, model_ps = inference_network([f"{bundle_root()}/configs/inference.json"])
-    nets = {
-        "DS-HFN (inference.json)": (dshfn, in_ch, SIZE, model_ps),
+    config = [f"{bundle_root()}/configs/inference.json"]
+    dshfn, in_ch, model_ps = inference_network(config)
+    nets = {f"DS-HFN (inference.json, instance_head={dshfn.instance_head})": (dshfn, in_ch, SIZE, model_ps)}
+    for head in INSTANCE_HEADS:  # the other heads, for their cost
+        if head != dshfn.instance_head:
+            nets[f"DS-HFN instance_head={head}"] = (inference_network(config, instance_head=head)[0], in_ch, SIZE, model_ps)
+    nets.update({
         "BasicUNet": (BasicUNet(spatial_dims=2, in_channels=in_ch, out_channels=2), in_ch, SIZE, model_ps),
         "HoVerNet fast": (HoVerNet(mode="fast", in_channels=3, out_classes=0), 3, HOVERNET_OUT, HOVERNET_PIXEL_SIZE),
-    }
+    })
     best: dict[str, float] = {}
     calls = {}
     for name, (net, ch, _, _) in nets.items():
