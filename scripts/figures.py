@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--instance_head", help="override the config's instance_head (the weights' head)")
     s.add_argument("--out", required=True, help="the PNG of the worst tiles")
     s.add_argument("--json", help="write the per-tile and summed counts here")
+    s.add_argument("--boundary_threshold", type=float, default=None,
+                   help="the watershed's boundary threshold (default: configs/inference.json's)")
     s.add_argument("--data_pixels", action="store_true",
                    help="also draw the H&E image and true contours (for a local look: never commit such a figure)")
     args = parser.parse_args(argv)
@@ -92,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.instance_head:
             overrides["instance_head"] = args.instance_head
         inference = json.loads((ROOT / "configs" / "inference.json").read_text())
-        res = diagnose_weights(args.config_file, overrides, args.weights,
-                               WatershedParams.from_dict(inference["watershed"]), args.out,
+        watershed = dict(inference["watershed"])
+        if args.boundary_threshold is not None:
+            watershed["boundary_threshold"] = args.boundary_threshold
+        res = diagnose_weights(args.config_file, overrides, args.weights, WatershedParams.from_dict(watershed), args.out,
                                data_pixels=args.data_pixels)
         if args.json:
             write_text_atomic(args.json, json.dumps(res, indent=2) + "\n")
