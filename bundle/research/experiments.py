@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from bundle import bundle_root
+from bundle.cli import data_path, data_value
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def keep_curve(run_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
 
     data = (Path(run_dir) / "curve.csv").read_bytes()
     atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
+
 
 def split_file_for(dataset_dir: str | os.PathLike, runs_dir: str | os.PathLike, n_folds: int = 5, seed: int = 42) -> str:
     """The k-fold split file of ``dataset_dir``: the committed ``configs/splits/<name>_<K>fold_seed<S>.json`` when it
@@ -118,8 +120,6 @@ def _configs(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str
 
 def bundle_run(run_id: str, config_file: str, overrides: dict[str, Any], log_path: Path) -> None:
     """``python -m monai.bundle run <run_id>`` in a subprocess (a fresh process per run: memory is returned)."""
-    from bundle.cli import data_path, data_value
-
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file]
     for key, value in overrides.items():
         if isinstance(value, str):  # data, never code: MONAI's parser runs a leading $ and follows @ and %
@@ -442,8 +442,6 @@ def run_transfer_row(
     """
     from bundle.data.layout import load_or_create_splits
     from bundle.research.transfer import fold_role, transfer_folds
-
-    from bundle.cli import data_path
 
     train_files = _config_files(variant, TRANSFER_TRAIN, overrides)
     config = {"dataset_dir": data_path(str(dataset_dir)), "fold": row}  # parsed here too: data, never code

@@ -172,8 +172,9 @@ def diagnose_weights(config_files: Sequence[str], overrides: Mapping[str, Any], 
     sweep = []
     for threshold in sweep_thresholds:
         p = dataclasses.replace(params, boundary_threshold=float(threshold))
-        ds = [diagnose_tile(t["region"], t["boundary"], t["truth"], p) | {"dataset": t["dataset"],
-              "aji": float(aji(instances_from_maps(t["region"], t["boundary"], p), t["truth"]))} for t in tiles]
+        ds = [diagnose_tile(t["region"], t["boundary"], t["truth"], p) | {"dataset": t["dataset"]} for t in tiles]
+        for d, t in zip(ds, tiles):  # the watershed of diagnose_tile, scored
+            d["aji"] = float(aji(d.pop("pred"), t["truth"]))
         sweep.append({"boundary_threshold": float(threshold),
                       "aji": {name: float(np.mean([d["aji"] for d in ds if name in ("all", d["dataset"])]))
                               for name in ("all", *sorted({d["dataset"] for d in ds}))},
