@@ -8,7 +8,7 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-from bundle.data.io import atomic_write
+from bundle.core.files import atomic_write
 
 #: the bundle's folder name inside the zip (``monai.bundle.load(name=BUNDLE_NAME, ...)``)
 BUNDLE_NAME = "dshfn_nuclei_segmentation"

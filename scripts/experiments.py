@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bundle import bundle_root  # noqa: E402
-from bundle.cli import data_path  # noqa: E402
+from bundle.core.cli import data_path  # noqa: E402
 from bundle.research.experiments import (  # noqa: E402
     ABLATIONS,
     KFOLD,

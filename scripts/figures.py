@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.data.io import write_text_atomic  # noqa: E402
+from bundle.core.files import write_text_atomic  # noqa: E402
 from bundle.nuclei.watershed import WatershedParams  # noqa: E402
 from bundle.research.experiments import RESOLUTIONS, VARIANTS  # noqa: E402
 from bundle.research.figures import (  # noqa: E402

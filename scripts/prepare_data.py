@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.data.io import DataError  # noqa: E402
+from bundle.core.errors import DataError  # noqa: E402
 from bundle.data.layout import validate_dataset  # noqa: E402
 from bundle.data.prepare import convert_monuseg, convert_tnbc  # noqa: E402
 

@@ -22,7 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bundle.data.io import DataError, read_image, write_text_atomic  # noqa: E402
+from bundle.core.errors import DataError  # noqa: E402
+from bundle.core.files import write_text_atomic  # noqa: E402
+from bundle.data.io import read_image  # noqa: E402
 from bundle.data.layout import get_datalist, validate_dataset  # noqa: E402
 from bundle.data.transforms import reinhard_reference  # noqa: E402
 

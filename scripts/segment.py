@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bundle.cli import data_path, data_value, find_data_error  # noqa: E402
+from bundle.core.cli import data_path, data_value, find_data_error  # noqa: E402
 from bundle.data.scale import DEFAULT_PIXEL_SIZE  # noqa: E402
 from bundle.inference.engine import check_settings, exit_code, load_segmenter  # noqa: E402
 from bundle.inference.writers import OUTPUT_FORMATS  # noqa: E402

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from bundle.data.io import load_weights, write_text_atomic  # noqa: E402
+from bundle.core.files import write_text_atomic  # noqa: E402
+from bundle.model.weights import load_weights  # noqa: E402
 from bundle.data.scale import DEFAULT_PIXEL_SIZE  # noqa: E402
 from bundle.inference.chunks import SlidingWindowPredictor  # noqa: E402
 from bundle.inference.engine import load_segmenter  # noqa: E402

@@ -1,4 +1,4 @@
-"""bundle.cli.as_flag: command-line switches arrive from ``monai.bundle run`` as strings ('false' stays a string
+"""bundle.core.cli.as_flag: command-line switches arrive from ``monai.bundle run`` as strings ('false' stays a string
 under fire), so they are read by word, never by Python truthiness."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle.cli import as_flag
-from bundle.data.io import DataError
-from bundle.engine.handlers import ResumableCheckpoint
+from bundle.core.cli import as_flag
+from bundle.core.errors import DataError
+from bundle.handlers.checkpoints import ResumableCheckpoint
 from bundle.inference.engine import NucleiSegmenter
 from bundle.model.network import DSHFN
 
@@ -126,7 +126,7 @@ def test_every_switch_of_every_config_names_itself(configs, key, consumer, monke
     """What each switch's consumer gets from ``--<key> maybe`` (fire's string): one line naming ``--<key>``."""
     from monai.bundle import ConfigParser
 
-    from bundle.cli import find_data_error
+    from bundle.core.cli import find_data_error
 
     monkeypatch.chdir(ROOT)  # evaluate.json's macros are relative to the bundle root
     resume = _index(json.loads((ROOT / "configs" / "train.json").read_text())["train"]["handlers"], "ResumableCheckpoint")

@@ -18,7 +18,7 @@ from monai.bundle import ConfigParser
 from monai.networks.nets import BasicUNet
 
 from bundle.data.channels import input_channels
-from bundle.engine.handlers import EarlyStopping
+from bundle.handlers.training import EarlyStopping
 from bundle.model.baselines import SegmentationOutput
 from bundle.model.network import DSHFN
 from bundle.research.recipe import PROBE_CONFIGS, load_probes

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle.data.io import DataError, read_image, read_label
+from bundle.core.errors import DataError
+from bundle.data.io import read_image, read_label
 from bundle.data.layout import (
     assign_folds,
     ensure_dataset,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from bundle.distributed import gather_objects, is_rank0, rank_and_size, shutdown
+from bundle.core.distributed import gather_objects, is_rank0, rank_and_size, shutdown
 
 
 def test_without_a_process_group():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle.data.io import DataError
+from bundle.core.errors import DataError
 from bundle.inference.engine import (
     DONE_SUFFIX,
     SUMMARY_FILE,
@@ -139,7 +139,7 @@ def test_map_formats_are_the_network_maps_and_refused_for_huge_images(stub_confi
     ({"pixel_size": 40}, "pixel_size=40"),
 ])
 def test_bad_settings_are_one_line_errors(stub_config, ids, message):
-    from bundle.cli import find_data_error
+    from bundle.core.cli import find_data_error
 
     with pytest.raises(Exception) as info:  # the config parser wraps it; the entry points print the DataError
         segmenter(stub_config, **ids)

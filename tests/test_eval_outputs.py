@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 from monai.handlers import MeanDice
 
 from bundle.data.scale import MODEL_PIXEL_SIZE, ToModelScaled, scale_factor
-from bundle.engine.tables import MetricsTableWriter
+from bundle.handlers.tables import MetricsTableWriter
 from bundle.evaluation.pixel import (
     HausdorffHandler,
     PixelPrecisionHandler,

@@ -16,14 +16,10 @@ from ignite.metrics.metric import EpochWise
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 
-from bundle.data.io import DataError
-from bundle.engine.handlers import (
-    BestModelSaver,
-    EarlyStopping,
-    GradientClipHandler,
-    ResumableCheckpoint,
-    atomic_torch_save,
-)
+from bundle.core.errors import DataError
+from bundle.core.files import atomic_torch_save
+from bundle.handlers.checkpoints import BestModelSaver, ResumableCheckpoint
+from bundle.handlers.training import EarlyStopping, GradientClipHandler
 
 
 class ScriptedMetric(Metric):

@@ -18,7 +18,9 @@ import tifffile
 import torch
 from PIL import Image
 
-from bundle.data.io import DataError, load_weights, read_image
+from bundle.core.errors import DataError
+from bundle.data.io import read_image
+from bundle.model.weights import load_weights
 from bundle.model.network import DSHFN
 
 ROOT = Path(__file__).resolve().parents[1]

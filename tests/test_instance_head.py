@@ -11,9 +11,9 @@ from monai.transforms import ComputeHoVerMaps
 from scipy import ndimage
 
 from bundle.data.instance_targets import INSTANCE_TARGETS, TARGET_CHANNELS, instance_distance_map, instance_target
-from bundle.data.io import DataError
+from bundle.core.errors import DataError
 from bundle.data.transforms import NucleiTargetsd
-from bundle.engine.warm_start import warm_start
+from bundle.model.warm_start import warm_start
 from bundle.evaluation.instance import aji
 from bundle.model.instance import INSTANCE_CHANNELS, INSTANCE_HEADS, hv_separation
 from bundle.model.losses import DSHFNLoss, InstanceMapLoss

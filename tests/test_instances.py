@@ -23,9 +23,9 @@ from bundle.nuclei.watershed import (
     instances_from_output,
     relabel_consecutive,
     remove_small_instances,
-    tune_watershed,
     upsample_labels,
 )
+from bundle.research.tuning import tune_watershed
 
 
 def two_touching_disks() -> np.ndarray:

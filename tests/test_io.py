@@ -9,16 +9,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from bundle.data.io import (
-    DataError,
-    image_size,
-    label_kind,
-    read_image,
-    read_label,
-    read_label_and_kind,
-    write_png_atomic,
-    write_text_atomic,
-)
+from bundle.core.errors import DataError
+from bundle.core.files import write_png_atomic, write_text_atomic
+from bundle.data.io import image_size, label_kind, read_image, read_label, read_label_and_kind
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)
@@ -167,7 +160,7 @@ def test_write_png_atomic_round_trips_and_leaves_no_temp(tmp_path):
 def test_encode_png_decodes_to_the_same_array_with_pil(shape, dtype):
     import io
 
-    from bundle.data.io import encode_png
+    from bundle.core.files import encode_png
 
     info = np.iinfo(dtype)
     a = RNG.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
@@ -182,7 +175,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("bundle.data.io.encode_png", boom)
+    monkeypatch.setattr("bundle.core.files.encode_png", boom)
     (tmp_path / "x.png").write_bytes(b"old")
     with pytest.raises(OSError, match="disk full"):
         write_png_atomic(tmp_path / "x.png", RGB)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from bundle.engine.handlers import LossTermsHandler
+from bundle.handlers.training import LossTermsHandler
 from bundle.model.losses import DSHFNLoss, GradientAlignedLoss
 
 EPS = 1e-6

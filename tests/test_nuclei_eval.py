@@ -1,4 +1,4 @@
-"""bundle.engine.instance_eval: the nuclei a user gets (model-scale watershed, labels at the tile's size) scored in
+"""bundle.handlers.instance_eval: the nuclei a user gets (model-scale watershed, labels at the tile's size) scored in
 the evaluator, checked against MONAI's padding and resizing and against values worked out by hand."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from monai.transforms import SpatialPad
 
 from bundle.data.scale import ToModelScaled, model_shape, scale_factor
-from bundle.engine.instance_eval import InstanceMetricsHandler, native_nuclei, nuclei_scores, unpad
+from bundle.handlers.instance_eval import InstanceMetricsHandler, native_nuclei, nuclei_scores, unpad
 from bundle.evaluation.instance import instance_metrics
 from bundle.nuclei.watershed import WatershedParams
 

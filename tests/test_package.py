@@ -1,5 +1,5 @@
-"""The package's shape: subpackages import one way (data, model, evaluation < cli, distributed, nuclei < engine,
-inference < research),
+"""The package's shape: subpackages import one way (core < data, model, evaluation < nuclei < handlers, inference
+< research),
 no module imports another in a cycle, no file over 600 lines, no private name imported across modules.
 Parsed with ``ast`` (function-level imports count too)."""
 
@@ -11,16 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "bundle"
 #: what each subpackage may import (docs/architecture.md, "Package map")
 ALLOWED = {
-    "data": set(),
-    "model": set(),
-    "evaluation": set(),
-    "nuclei": {"data", "evaluation"},
-    "cli": {"data"},
-    "distributed": set(),
-    "engine": {"data", "model", "evaluation", "nuclei", "cli", "distributed"},
-    "inference": {"data", "nuclei", "cli", "distributed"},
-    "research": {"data", "model", "evaluation", "nuclei", "engine", "inference", "bundle", "cli", "distributed"},
-    "packaging": {"data"},
+    "core": set(),
+    "data": {"core"},
+    "model": {"core"},
+    "evaluation": {"core"},
+    "nuclei": {"core", "data"},
+    "handlers": {"core", "data", "model", "evaluation", "nuclei"},
+    "inference": {"core", "data", "model", "nuclei"},
+    "research": {"core", "data", "model", "evaluation", "nuclei", "handlers", "inference", "bundle"},
+    "packaging": {"core", "data"},
     "bundle": set(),
 }
 

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from skimage.draw import polygon as draw_polygon
 
-from bundle.data.io import DataError, read_image, read_label
+from bundle.core.errors import DataError
+from bundle.data.io import read_image, read_label
 from bundle.data.layout import read_meta, validate_dataset
 from bundle.data.prepare import (
     MONUSEG_TEST_IDS,

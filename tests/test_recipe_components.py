@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from skimage.segmentation import find_boundaries
 
 from bundle.data.transforms import NucleiTargets, NucleiTargetsd
-from bundle.engine.handlers import TrainingBudget
+from bundle.handlers.training import TrainingBudget
 from bundle.model.losses import DSHFNLoss
 from bundle.model.network import DSHFN
 
@@ -184,7 +184,7 @@ def test_three_input_channels(one_torch_thread):
         net(torch.randn(1, 1, 32, 32))
 
 
-# --- bundle.engine.handlers.TrainingBudget --------------------------------------------------------------------------
+# --- bundle.handlers.training.TrainingBudget --------------------------------------------------------------------------
 
 
 def burn(seconds: float) -> None:

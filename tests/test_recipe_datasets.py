@@ -16,7 +16,8 @@ from bundle.data.datasets import (
     load_or_create_recipe_split,
     make_recipe_split,
 )
-from bundle.data.io import DataError, write_png_atomic
+from bundle.core.errors import DataError
+from bundle.core.files import write_png_atomic
 from bundle.data.layout import make_splits, validate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import tifffile
 import torch
 from monai.data import WSIReader
 
-from bundle.data.io import DataError, read_image
+from bundle.core.errors import DataError
+from bundle.data.io import read_image
 from bundle.inference.chunks import SlidingWindowPredictor
 from bundle.inference.slide import (
     RegionTiffWSIReader,

@@ -18,7 +18,8 @@ from skimage.color import lab2rgb, rgb2lab
 from skimage.draw import disk
 from skimage.draw import polygon as draw_polygon
 
-from bundle.data.io import DataError, read_image
+from bundle.core.errors import DataError
+from bundle.data.io import read_image
 from bundle.data.scale import ToModelScaled
 from bundle.data.transforms import Grayscale, ReinhardNormalize
 from bundle.inference.chunks import (

@@ -1,4 +1,4 @@
-"""bundle.engine.handlers.TrainingCurve: one CSV row per epoch with the trainer's scalars and, in validated epochs, the
+"""bundle.handlers.training.TrainingCurve: one CSV row per epoch with the trainer's scalars and, in validated epochs, the
 validator's; a resumed run replaces the rows from its epoch on. Checked with pandas-free csv reading."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import csv
 
 from ignite.engine import Engine, Events
 
-from bundle.engine.handlers import TrainingCurve
+from bundle.handlers.training import TrainingCurve
 
 
 def make_run(tmp_path, val_every: int = 2):
@@ -68,7 +68,7 @@ def test_learning_rate_is_the_one_each_epoch_trained_with():
     import torch
     from monai.handlers import LrScheduleHandler
 
-    from bundle.engine.handlers import LearningRateLogger
+    from bundle.handlers.training import LearningRateLogger
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=3, eta_min=0.0)

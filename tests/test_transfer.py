@@ -145,7 +145,7 @@ def test_instance_metrics_handler_scores_watershed_nuclei_of_each_tile():
 
     import torch
 
-    from bundle.engine.instance_eval import InstanceMetricsHandler
+    from bundle.handlers.instance_eval import InstanceMetricsHandler
 
     gt = np.zeros((1, 40, 40), np.int32)
     gt[0, 5:15, 5:15], gt[0, 25:35, 20:30] = 1, 2

@@ -26,7 +26,8 @@ from skimage.color import rgb2gray, rgb2lab
 from skimage.segmentation import find_boundaries
 
 from bundle.data.channels import input_channels
-from bundle.data.io import DataError, read_image, read_label
+from bundle.core.errors import DataError
+from bundle.data.io import read_image, read_label
 from bundle.data.transforms import (
     CleanMask,
     CleanMaskd,

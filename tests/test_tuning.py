@@ -13,10 +13,9 @@ from bundle.inference.chunks import SlidingWindowPredictor
 from bundle.nuclei.watershed import (
     WatershedParams,
     instances_from_maps,
-    score_watershed,
     upsample_labels,
 )
-from bundle.research.tuning import model_scale_maps, tune_in_stages
+from bundle.research.tuning import model_scale_maps, score_watershed, tune_in_stages
 
 REF = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
 

@@ -24,7 +24,9 @@ import tifffile
 import torch
 from PIL import Image
 
-from bundle.data.io import DataError, load_weights, read_image, read_label_and_kind
+from bundle.core.errors import DataError
+from bundle.data.io import read_image, read_label_and_kind
+from bundle.model.weights import load_weights
 from bundle.inference.files import clean_stale_temp, find_tiles, tiles_for_run
 from bundle.inference.slide import WSISource, open_source
 
@@ -355,7 +357,7 @@ def test_a_mask_with_other_values_is_read_as_instances_with_one_warning(tmp_path
 def test_device_is_data_and_checkpoints_load_weights_only(tmp_path, monkeypatch):
     from ignite.engine import Engine
 
-    from bundle.engine.handlers import ResumableCheckpoint
+    from bundle.handlers.checkpoints import ResumableCheckpoint
     from bundle.research.experiments import device_name
 
     assert device_name("cpu") == "cpu" and device_name("cuda:1") == "cuda:1"

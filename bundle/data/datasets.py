@@ -25,7 +25,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bundle.data.io import DataError, image_size, write_text_atomic
+from bundle.core.errors import DataError
+from bundle.core.files import write_text_atomic
+from bundle.data.io import image_size
 from bundle.data.scale import check_pixel_size
 from bundle.data.layout import make_splits, meta_hash, validate_dataset
 

@@ -1,4 +1,4 @@
-"""Reading H&E tiles and label maps robustly, and writing PNG/text files atomically.
+"""Reading H&E tiles and label maps robustly.
 
 Every reader returns one canonical form (``read_image``: (H, W, 3) uint8 RGB; ``read_label``: (H, W) int32)
 whatever the file holds, and every problem becomes one :class:`DataError` that names the file and says what to do.
@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
-import tempfile
 import warnings
-import zlib
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from bundle.core.errors import DataError
+
 __all__ = [
-    "DataError",
     "TIFF_SUFFIXES",
     "IMAGE_SUFFIXES",
     "read_image",
@@ -33,18 +31,13 @@ __all__ = [
     "label_kind",
     "infer_label_kind",
     "image_size",
-    "write_png_atomic",
-    "write_text_atomic",
+    "tile_id",
 ]
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
 LabelKind = Literal["instance", "binary"]
-
-
-class DataError(ValueError):
-    """A dataset file is missing, unreadable or has the wrong content; the message names the file and the fix."""
 
 
 def _fail(path: str | os.PathLike, problem: str, fix: str) -> DataError:
@@ -394,160 +387,6 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     except Exception as exc:
         raise _fail(path, f"cannot be opened as an image ({type(exc).__name__}: {exc})",
                     "The file is corrupt or not an image; re-download or re-export it") from exc
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it over ``path`` (atomic on POSIX).
-
-    The temp name keeps ``path``'s suffix (writers that pick a format from it still work) and the file gets
-    the usual ``0o666 & ~umask`` mode rather than ``mkstemp``'s private 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the writer's pid in the name: a later run deletes the temp files of writers that died (kill -9) and only those
-    # (bundle.inference.files.clean_stale_temp)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp" + "".join(path.suffixes[-2:]),
-                               dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-
-
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
-def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
-    """PNG bytes of a uint8 (H, W) / (H, W, 3) / (H, W, 4) or uint16 (H, W) array: every row with the "Sub"
-    filter (difference to the pixel on the left), then zlib at ``compress_level``.
-
-    Written because PIL picks a filter per row, which on a 1000 x 1000 RGB overlay took as long as the zlib pass
-    itself (76 ms vs 42 ms here, 2 % larger files); decoded by PIL to the same array (tests/test_io.py).
-    """
-    a = np.ascontiguousarray(array)
-    if a.dtype == np.uint16:
-        a = a.astype(">u2").view(np.uint8).reshape(a.shape[0], a.shape[1], 2)  # PNG stores 16 bits big-endian
-    h, w = a.shape[:2]
-    bpp = 1 if a.ndim == 2 else a.shape[2]  # bytes per pixel: the Sub filter's left neighbour
-    rows = a.reshape(h, w * bpp)
-    raw = np.empty((h, w * bpp + 1), np.uint8)
-    raw[:, 0] = 1  # filter type Sub
-    raw[:, 1 : bpp + 1] = rows[:, :bpp]
-    np.subtract(rows[:, bpp:], rows[:, :-bpp], out=raw[:, bpp + 1 :])  # modulo 256, as the filter defines
-    bit_depth, colour = (16, 0) if array.dtype == np.uint16 else (8, {1: 0, 3: 2, 4: 6}[bpp])
-    header = struct.pack(">IIBBBBB", w, h, bit_depth, colour, 0, 0, 0)
-    # colour images: filtered photo rows have few long matches, so run-length matching compresses them as well as
-    # the default search (0.2 % larger) in 70 % of the time on a 1000 x 1000 overlay; label maps keep the default
-    strategy = zlib.Z_RLE if bpp >= 3 else zlib.Z_DEFAULT_STRATEGY
-    deflate = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 8, strategy)
-    data = deflate.compress(raw.tobytes()) + deflate.flush()
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
-
-
-def write_png_atomic(path: str | os.PathLike, array: np.ndarray, compress_level: int = 1) -> None:
-    """Write a uint8 (H, W) / (H, W, 3) / (H, W, 4) or uint16 (H, W) array as PNG (:func:`encode_png`), atomically.
-
-    ``compress_level`` 1 (zlib): on a 1000 x 1000 RGB tile 5x faster to write than PIL's default 6, ~12 % larger.
-    """
-    path = Path(path)
-    array = np.asarray(array)
-    ok = (array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4)))) or (
-        array.dtype == np.uint16 and array.ndim == 2
-    )
-    if not ok or array.size == 0:
-        raise ValueError(
-            f"write_png_atomic({path}): expected uint8 (H,W)/(H,W,3)/(H,W,4) or uint16 (H,W), not empty, "
-            f"got {array.dtype} {array.shape}"
-        )
-    def _write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(encode_png(array, compress_level))
-
-    atomic_write(path, _write)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    path = Path(path)
-
-    def _write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-
-    atomic_write(path, _write)
-
-
-def checkpoint_problem(path: str | os.PathLike, exc: BaseException) -> str:
-    """Why ``torch.load(path, weights_only=True)`` failed, in a few whole words: empty, truncated, pickled code or
-    not a PyTorch file. Never torch's own advice, which is to load with ``weights_only=False`` - that would run
-    whatever code a planted file holds."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as err:
-        return f"cannot be read: {err.strerror or type(err).__name__}"
-    if size == 0:
-        return "the file is empty (0 bytes)"
-    if head == b"PK\x03\x04":  # torch.save's zip container
-        import zipfile
-
-        if not zipfile.is_zipfile(path):
-            return f"the file is truncated at {size} bytes: an incomplete download or copy"
-    if "Weights only load failed" in str(exc):
-        if "GLOBAL" in str(exc) or "global" in str(exc):
-            return "it holds pickled objects or code besides weights, which are not loaded for safety"
-        return "corrupt, or not a file written by torch.save"
-    return f"{type(exc).__name__}; corrupt, truncated or not a file written by torch.save"
-
-
-def load_weights(network, ckpt: str | os.PathLike | None, device="cpu", option: str = "--ckpt_path") -> None:
-    """Load a plain state_dict (or a ``{"model": state_dict}`` checkpoint) into ``network``.
-
-    ``ckpt=None`` keeps the random initialisation (with a warning); a missing, empty, truncated or foreign file or
-    weights that do not fit the network raise :class:`DataError` naming the file and what to do, with ``option``
-    (the command-line option that gives the file: ``--ckpt_path`` for the configs, ``--ckpt`` for
-    ``scripts/segment.py``).
-    """
-    import logging
-
-    import torch
-
-    if ckpt is None:
-        logging.getLogger(__name__).warning("no checkpoint given: the network keeps its random initialisation")
-        return
-    if not Path(ckpt).is_file():
-        raise DataError(f"{ckpt}: checkpoint not found. Train the bundle first or pass {option} models/model.pt")
-    try:
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-    except Exception as exc:  # empty, truncated, not a torch file, or pickled code that weights_only refuses
-        raise DataError(f"{ckpt}: is not a readable PyTorch weights file ({checkpoint_problem(ckpt, exc)}). "
-                        f"Re-download or re-train it, or pass the shipped weights: {option} models/model.pt") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise DataError(f"{ckpt}: holds a {type(state).__name__}, not a state dict of network weights. "
-                        "Save network.state_dict() (or {'model': network.state_dict()})")
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as exc:
-        missing = sorted(set(network.state_dict()) - set(state))
-        unexpected = sorted(set(state) - set(network.state_dict()))
-        detail = (f"{len(missing)} weights missing, {len(unexpected)} unexpected, e.g. "
-                  f"{(missing or unexpected or ['a size mismatch'])[0]!r}" if missing or unexpected
-                  else str(exc).splitlines()[-1].strip()[:200])
-        raise DataError(f"{ckpt}: does not fit the network of the config ({detail}). "
-                        "Use the config the checkpoint was trained with (--config_file / network_def)") from exc
 
 
 def tile_id(path: str | os.PathLike) -> str:

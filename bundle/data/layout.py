@@ -31,13 +31,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from bundle.data.io import (
-    IMAGE_SUFFIXES,
-    DataError,
-    image_size,
-    read_label,
-    write_text_atomic,
-)
+from bundle.core.errors import DataError
+from bundle.core.files import write_text_atomic
+from bundle.data.io import IMAGE_SUFFIXES, image_size, read_label
 
 __all__ = [
     "TNBC_URL",

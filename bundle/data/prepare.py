@@ -28,13 +28,9 @@ import numpy as np
 from skimage.draw import polygon as draw_polygon
 from skimage.segmentation import relabel_sequential
 
-from bundle.data.io import (
-    DataError,
-    read_image,
-    read_label,
-    write_png_atomic,
-    write_text_atomic,
-)
+from bundle.core.errors import DataError
+from bundle.core.files import write_png_atomic, write_text_atomic
+from bundle.data.io import read_image, read_label
 
 __all__ = [
     "MONUSEG_ORGANS",

@@ -15,7 +15,7 @@ from typing import Any
 from monai.config import KeysCollection
 from monai.transforms import Resized
 
-from bundle.data.io import DataError
+from bundle.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ PIXEL_SIZE_RANGE = (0.05, 5.0)
 
 
 def check_pixel_size(pixel_size: float, name: str = "pixel_size") -> float:
-    """``pixel_size`` (um/px) if it is in :data:`PIXEL_SIZE_RANGE`, else a one-line :class:`bundle.data.io.DataError`
+    """``pixel_size`` (um/px) if it is in :data:`PIXEL_SIZE_RANGE`, else a one-line :class:`bundle.core.errors.DataError`
     (a ValueError) saying what to give: a magnification typed instead (40, 20) gets the pixel size it means."""
     try:
         value = float(pixel_size)

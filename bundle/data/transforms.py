@@ -103,7 +103,7 @@ class TileReader(ImageReader):
     "binary"). Rows stay rows: unlike MONAI's ``PILReader`` nothing is transposed, so arrays match what
     numpy/skimage show. Usable as ``LoadImaged(keys, reader="bundle.data.transforms.TileReader", kind="label")``,
     but prefer :class:`LoadTiled`: ``LoadImage`` wraps errors of a reader it was given at construction into a
-    RuntimeError with a traceback, while :class:`LoadTile` lets the one-line :class:`bundle.data.io.DataError` through.
+    RuntimeError with a traceback, while :class:`LoadTile` lets the one-line :class:`bundle.core.errors.DataError` through.
     """
 
     def __init__(self, kind: str = "image", label_kind: str = "auto") -> None:
@@ -136,7 +136,7 @@ class LoadTile(Transform):
     """Load one tile file: ``kind="image"`` -> (3, H, W) float32 RGB 0..255, ``kind="label"`` -> (1, H, W) int32.
 
     Returns a ``MetaTensor`` whose meta holds ``"filename_or_obj"`` (the path), ``"spatial_shape"`` and, for
-    labels, ``"label_kind"``. Bad files raise :class:`bundle.data.io.DataError` naming the file.
+    labels, ``"label_kind"``. Bad files raise :class:`bundle.core.errors.DataError` naming the file.
     """
 
     def __init__(self, kind: str = "image", label_kind: str = "auto") -> None:

@@ -486,7 +486,7 @@ class HausdorffHandler(IgniteMetricHandler):
 
 class _PerImageConfusionMetric(ConfusionMatrix):
     """MONAI's ``ConfusionMatrix`` handler whose saved details are the per-image metric values (N, C), not the
-    raw (N, C, 4) confusion matrices, so per-image tables (``bundle.engine.tables.MetricsTableWriter``) read them like
+    raw (N, C, 4) confusion matrices, so per-image tables (``bundle.handlers.tables.MetricsTableWriter``) read them like
     every other metric's details."""
 
     def completed(self, engine: Any, name: str) -> None:

@@ -30,7 +30,7 @@ from monai.networks.layers.convutils import gaussian_1d
 from scipy import ndimage, sparse
 
 from bundle.data.channels import rgb_to_input
-from bundle.data.io import DataError
+from bundle.core.errors import DataError
 from bundle.inference.colour import (
     ImageStats,
     is_background,

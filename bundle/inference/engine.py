@@ -21,10 +21,13 @@ import torch
 from monai.data import partition_dataset
 from monai.inferers import SlidingWindowInferer
 
-from bundle.cli import as_flag, read_flags
-from bundle.data.io import DataError, load_weights, tile_id, write_text_atomic
+from bundle.core.cli import as_flag, read_flags
+from bundle.core.errors import DataError
+from bundle.core.files import write_text_atomic
+from bundle.data.io import tile_id
+from bundle.model.weights import load_weights
 from bundle.data.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, check_pixel_size
-from bundle.distributed import gather_objects, rank_and_size
+from bundle.core.distributed import gather_objects, rank_and_size
 from bundle.inference.chunks import SlidingWindowPredictor, default_inferer
 from bundle.inference.files import output_files, tiles_for_run
 from bundle.inference.pipeline import peak_rss_mib, segment_image
@@ -164,7 +167,7 @@ class NucleiSegmenter:
         self.pixel_size, self.model_pixel_size = pixel_size, float(model_pixel_size)
         self.inferer, self.roi = inferer, _square(inferer.roi_size)
         self.input_dir, self.output_dir = input_dir, output_dir
-        # on/off fields read by word (bundle.cli.read_flags), like every switch of the config
+        # on/off fields read by word (bundle.core.cli.read_flags), like every switch of the config
         self.watershed = watershed if isinstance(watershed, WatershedParams) else \
             WatershedParams.from_dict(read_flags(watershed, WatershedParams, "--watershed"))
         self.post_scale, self.formats, self.threshold = str(post_scale), tuple(formats), float(threshold)

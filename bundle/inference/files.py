@@ -14,7 +14,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from bundle.data.io import IMAGE_SUFFIXES, DataError, tile_id
+from bundle.core.errors import DataError
+from bundle.data.io import IMAGE_SUFFIXES, tile_id
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def ensure_output_dir(path: str | os.PathLike, option: str = "--output_dir") -> 
     return path
 
 
-#: temp files of bundle.data.io.atomic_write (``.<name>.<pid>.<random>.tmp<suffix>``) and of the streamed GeoJSON/CSV
+#: temp files of bundle.core.files.atomic_write (``.<name>.<pid>.<random>.tmp<suffix>``) and of the streamed GeoJSON/CSV
 #: (``.<name>.<pid>.partial``): the pid of the writer is in the name
 _TEMP = re.compile(r"^\..+\.(\d+)\.(?:[^.]*\.tmp.*|partial)$")
 

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from skimage.segmentation import find_boundaries
 
-from bundle.data.io import DataError, atomic_write, write_png_atomic
+from bundle.core.errors import DataError
+from bundle.core.files import atomic_write, write_png_atomic
 from bundle.inference.blocks import NucleusBlock
 from bundle.inference.sources import RegionSource
 from bundle.nuclei.exports import (

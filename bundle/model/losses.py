@@ -118,7 +118,7 @@ class DSHFNLoss(_Loss):
     (:class:`bundle.data.transforms.NucleiTargetsd` ``instance_target``); ``delta`` weighs :class:`InstanceMapLoss`.
 
     After each call ``last_terms`` holds detached float32 scalars ``{"seg", "edge", "glga", "inst", "total"}``
-    (unweighted terms present, weighted total) for logging; see :class:`bundle.engine.handlers.LossTermsHandler`.
+    (unweighted terms present, weighted total) for logging; see :class:`bundle.handlers.training.LossTermsHandler`.
 
     Args:
         alpha, beta, gamma: weights of ``L_seg``, ``L_edge``, ``L_GLGA`` (>= 0).

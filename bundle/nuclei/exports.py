@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import approximate_polygon
 
-from bundle.data.io import atomic_write, write_png_atomic, write_text_atomic
+from bundle.core.files import atomic_write, write_png_atomic, write_text_atomic
 from bundle.nuclei.measure import border_pixels, label_properties
 from bundle.nuclei.overlays import PRED_RGB
 

@@ -25,8 +25,7 @@ of the mask, and the elevation is the negated distance (the classic distance-tra
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +38,10 @@ from monai.apps.pathology.transforms.post.array import (
 from scipy import ndimage
 from skimage.feature import peak_local_max
 
-from bundle.evaluation.instance import aji, aji_plus, panoptic_quality
 from bundle.nuclei.binarize import REGION, watershed_channel
 
 __all__ = [
     "WatershedParams",
-    "DEFAULT_GRID",
     "instances_from_maps",
     "instances_from_output",
     "remove_small_instances",
@@ -52,8 +49,6 @@ __all__ = [
     "relabel_consecutive",
     "nearest_index",
     "upsample_labels",
-    "score_watershed",
-    "tune_watershed",
 ]
 
 
@@ -100,14 +95,6 @@ class WatershedParams:
         if unknown:
             raise ValueError(f"WatershedParams: unknown parameter(s) {unknown}; known: {sorted(known)}")
         return cls(**dict(values))
-
-
-#: Small default search space for :func:`tune_watershed` (3 x 3 x 2 = 18 settings).
-DEFAULT_GRID: dict[str, tuple] = {
-    "mask_threshold": (0.4, 0.5, 0.6),
-    "boundary_threshold": (0.3, 0.5, 0.7),
-    "marker_threshold": (0.5, 0.7),
-}
 
 
 def _check_map(x: Any, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -331,62 +318,3 @@ def instances_from_output(output: Any, params: WatershedParams | None = None, **
     channel = watershed_channel(arr.shape[0])
     boundary = None if channel is None else arr[channel]
     return instances_from_maps(arr[REGION], boundary, params, **overrides)
-
-
-ValItem = tuple[np.ndarray, "np.ndarray | None", np.ndarray]
-
-
-def score_watershed(val_items: Sequence[ValItem], params: WatershedParams, metric: str = "aji") -> float:
-    """Mean of ``metric`` ("aji", "aji_plus" or "pq") over ``val_items`` = [(region_prob, boundary_prob, gt), ...].
-
-    Maps smaller than their ``gt`` (model scale, as ``post_scale="model"`` runs the watershed) give instances that
-    are resized to the ``gt`` grid with :func:`upsample_labels` before scoring, as inference does.
-    """
-    fns = {"aji": aji, "aji_plus": aji_plus, "pq": lambda pr, gt: panoptic_quality(pr, gt).pq}
-    if metric not in fns:
-        raise ValueError(f"score_watershed: metric must be one of {sorted(fns)}, got {metric!r}")
-    scores = []
-    for r, b, gt in val_items:
-        gt = np.asarray(gt)
-        inst = instances_from_maps(r, b, params)
-        scores.append(fns[metric](inst if inst.shape == gt.shape else upsample_labels(inst, gt.shape), gt))
-    return float(np.nanmean(scores)) if scores else float("nan")
-
-
-def tune_watershed(
-    val_items: Sequence[ValItem],
-    grid: Mapping[str, Iterable[Any]] | None = None,
-    *,
-    base: WatershedParams | None = None,
-    metric: str = "aji",
-    return_table: bool = False,
-) -> WatershedParams | tuple[WatershedParams, list[tuple[WatershedParams, float]]]:
-    """Grid-search the watershed parameters that maximise the mean ``metric`` over VALIDATION items only.
-
-    Args:
-        val_items: ``[(region_prob, boundary_prob or None, gt_instance_map), ...]`` from the validation split;
-            never pass test tiles, or the reported test scores are optimistic.
-        grid: ``{field: candidate values}`` over :class:`WatershedParams` fields (default :data:`DEFAULT_GRID`);
-            fields not in the grid keep ``base``'s values.
-        metric: "aji" (default), "aji_plus" or "pq".
-        return_table: also return every ``(params, score)`` tried, in grid order.
-
-    Ties keep the first setting in grid order (itertools.product order of ``grid``).
-    """
-    if not val_items:
-        raise ValueError("tune_watershed: val_items is empty; pass (region_prob, boundary_prob, gt) validation tiles")
-    grid = dict(DEFAULT_GRID if grid is None else grid)
-    base = base or WatershedParams()
-    names = list(grid)
-    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(WatershedParams)})
-    if unknown:
-        raise ValueError(f"tune_watershed: unknown grid parameter(s) {unknown}")
-    table: list[tuple[WatershedParams, float]] = []
-    best, best_score = base, -np.inf
-    for values in itertools.product(*(tuple(grid[n]) for n in names)):
-        params = dataclasses.replace(base, **dict(zip(names, values)))
-        score = score_watershed(val_items, params, metric)
-        table.append((params, score))
-        if score > best_score:
-            best, best_score = params, score
-    return (best, table) if return_table else best

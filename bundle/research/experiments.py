@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from bundle import bundle_root
-from bundle.cli import data_path, data_value
+from bundle.core.cli import data_path, data_value
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ TABLE_METRICS = [
 
 
 def keep_curve(run_dir: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Copy a run's per-epoch ``curve.csv`` (``bundle.engine.handlers.TrainingCurve``, the ``curve_path`` of train.json)
+    """Copy a run's per-epoch ``curve.csv`` (``bundle.handlers.training.TrainingCurve``, the ``curve_path`` of train.json)
     beside its results (committed, since run folders are not); atomic."""
-    from bundle.data.io import atomic_write
+    from bundle.core.files import atomic_write
 
     data = (Path(run_dir) / "curve.csv").read_bytes()
     atomic_write(dest, lambda tmp: Path(tmp).write_bytes(data))
@@ -222,7 +222,7 @@ def device_name(device: str) -> str:
     try:
         return str(torch.device(str(device)))
     except (RuntimeError, TypeError, ValueError) as exc:
-        from bundle.data.io import DataError
+        from bundle.core.errors import DataError
 
         raise DataError(f"--device {device!r}: not a torch device ({exc}). Give cpu, cuda or cuda:N") from None
 
@@ -290,13 +290,13 @@ def _trainer_state(run_dir: Path) -> dict[str, int | None]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    from bundle.data.io import write_text_atomic
+    from bundle.core.files import write_text_atomic
 
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    from bundle.data.io import atomic_write
+    from bundle.core.files import atomic_write
 
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
@@ -515,7 +515,7 @@ def _split_rows_by_fold(csv_path: Path, fold_of: dict[str, int]) -> tuple[list[s
 def _write_csv_atomic(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     import io
 
-    from bundle.data.io import write_text_atomic
+    from bundle.core.files import write_text_atomic
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -46,7 +46,7 @@ def pyplot():
 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:
-    from bundle.data.io import atomic_write
+    from bundle.core.files import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ def plot_curves(results_dir: str | os.PathLike, variants: Sequence[str], out_png
 
 
 def plot_training_curve(curve_csv: str | os.PathLike, out_png: str | os.PathLike) -> Path:
-    """One run's ``curve.csv`` (:class:`bundle.engine.handlers.TrainingCurve`) against its CPU hours: the loss
+    """One run's ``curve.csv`` (:class:`bundle.handlers.training.TrainingCurve`) against its CPU hours: the loss
     terms, the validation Dice and BF1 (validated epochs only) and the learning rate, one panel each."""
     plt = pyplot()
     c = read_curves(curve_csv)
@@ -193,7 +193,7 @@ def qualitative_grid(panels: Sequence[tuple[str, np.ndarray]], out_png: str | os
     """Tile (caption, RGB uint8 (H, W, 3)) panels into one PNG with captions (PIL only)."""
     from PIL import Image, ImageDraw
 
-    from bundle.data.io import write_png_atomic
+    from bundle.core.files import write_png_atomic
 
     if not panels:
         raise ValueError("qualitative_grid: no panels")
@@ -230,7 +230,8 @@ def prediction_panels(
     from PIL import Image
 
     from bundle import bundle_root
-    from bundle.data.io import load_weights, read_image
+    from bundle.data.io import read_image
+    from bundle.model.weights import load_weights
     from bundle.nuclei.overlays import contour_overlay
 
     root = Path(bundle_root())

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from bundle.data.io import read_label, write_text_atomic
+from bundle.core.files import write_text_atomic
+from bundle.data.io import read_label
 from bundle.data.scale import model_shape, scale_factor
-from bundle.engine.instance_eval import native_nuclei, nuclei_scores, unpad
+from bundle.handlers.instance_eval import native_nuclei, nuclei_scores, unpad
 from bundle.evaluation.instance import aji
 from bundle.nuclei.binarize import REGION, watershed_channel
 from bundle.nuclei.watershed import WatershedParams
@@ -83,7 +84,7 @@ def _instances(tile: tuple[np.ndarray, np.ndarray, np.ndarray], params: Watershe
 
 def score_tiles(tiles: Sequence[Mapping[str, Any]], params: WatershedParams) -> list[dict[str, Any]]:
     """Per tile: nuclei from the maps (watershed ``params`` at model scale, labels resized to native) scored
-    against the truth at native size by :func:`bundle.engine.instance_eval.nuclei_scores`, as
+    against the truth at native size by :func:`bundle.handlers.instance_eval.nuclei_scores`, as
     ``configs/evaluate.json`` scores them; AJI and PQ for instance labels only."""
     rows = []
     for t in tiles:

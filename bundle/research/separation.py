@@ -150,7 +150,8 @@ def diagnose_weights(config_files: Sequence[str], overrides: Mapping[str, Any], 
     a boundary that is there but too faint for ``params`` would show as AJI rising at lower thresholds."""
     from monai.bundle import ConfigParser
 
-    from bundle.data.io import load_weights, read_image
+    from bundle.data.io import read_image
+    from bundle.model.weights import load_weights
     from bundle.evaluation.instance import aji
     from bundle.research.recipe import predict_validation
 

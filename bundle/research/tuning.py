@@ -3,13 +3,15 @@
 The items are what inference sees: a trained network's region and boundary maps at model scale (the chunk engine,
 :func:`bundle.inference.chunks.predict_chunks`) on tiles it was neither trained nor tested on, next to the true instance
 maps at native size; nuclei are scored at native size after the model-scale watershed (``post_scale="model"``,
-:func:`bundle.nuclei.watershed.score_watershed`). The search is two grids in turn, thresholds then sizes, each the full
-product (:func:`bundle.nuclei.watershed.tune_watershed`), so 58 settings rather than the ~700 of one joint grid.
+:func:`score_watershed`). The search is two grids in turn, thresholds then sizes, each the full
+product (:func:`tune_watershed`), so 58 settings rather than the ~700 of one joint grid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,15 +21,77 @@ from bundle.data.scale import scale_factor
 from bundle.inference.chunks import maps_to_native, model_size, predict_chunks
 from bundle.inference.colour import image_statistics
 from bundle.inference.sources import ArraySource
-from bundle.nuclei.watershed import (
-    ValItem,
-    WatershedParams,
-    score_watershed,
-    tune_watershed,
-)
+from bundle.evaluation.instance import aji, aji_plus, panoptic_quality
+from bundle.nuclei.watershed import WatershedParams, instances_from_maps, upsample_labels
 
-__all__ = ["THRESHOLD_GRID", "SIZE_GRID", "model_scale_maps", "validation_items", "native_items", "scaled_grid",
+__all__ = ["DEFAULT_GRID", "score_watershed", "tune_watershed", "THRESHOLD_GRID", "SIZE_GRID", "model_scale_maps", "validation_items", "native_items", "scaled_grid",
            "tune_in_stages"]
+
+#: Small default search space for :func:`tune_watershed` (3 x 3 x 2 = 18 settings).
+DEFAULT_GRID: dict[str, tuple] = {
+    "mask_threshold": (0.4, 0.5, 0.6),
+    "boundary_threshold": (0.3, 0.5, 0.7),
+    "marker_threshold": (0.5, 0.7),
+}
+
+ValItem = tuple[np.ndarray, "np.ndarray | None", np.ndarray]
+
+
+def score_watershed(val_items: Sequence[ValItem], params: WatershedParams, metric: str = "aji") -> float:
+    """Mean of ``metric`` ("aji", "aji_plus" or "pq") over ``val_items`` = [(region_prob, boundary_prob, gt), ...].
+
+    Maps smaller than their ``gt`` (model scale, as ``post_scale="model"`` runs the watershed) give instances that
+    are resized to the ``gt`` grid with :func:`upsample_labels` before scoring, as inference does.
+    """
+    fns = {"aji": aji, "aji_plus": aji_plus, "pq": lambda pr, gt: panoptic_quality(pr, gt).pq}
+    if metric not in fns:
+        raise ValueError(f"score_watershed: metric must be one of {sorted(fns)}, got {metric!r}")
+    scores = []
+    for r, b, gt in val_items:
+        gt = np.asarray(gt)
+        inst = instances_from_maps(r, b, params)
+        scores.append(fns[metric](inst if inst.shape == gt.shape else upsample_labels(inst, gt.shape), gt))
+    return float(np.nanmean(scores)) if scores else float("nan")
+
+
+def tune_watershed(
+    val_items: Sequence[ValItem],
+    grid: Mapping[str, Iterable[Any]] | None = None,
+    *,
+    base: WatershedParams | None = None,
+    metric: str = "aji",
+    return_table: bool = False,
+) -> WatershedParams | tuple[WatershedParams, list[tuple[WatershedParams, float]]]:
+    """Grid-search the watershed parameters that maximise the mean ``metric`` over VALIDATION items only.
+
+    Args:
+        val_items: ``[(region_prob, boundary_prob or None, gt_instance_map), ...]`` from the validation split;
+            never pass test tiles, or the reported test scores are optimistic.
+        grid: ``{field: candidate values}`` over :class:`WatershedParams` fields (default :data:`DEFAULT_GRID`);
+            fields not in the grid keep ``base``'s values.
+        metric: "aji" (default), "aji_plus" or "pq".
+        return_table: also return every ``(params, score)`` tried, in grid order.
+
+    Ties keep the first setting in grid order (itertools.product order of ``grid``).
+    """
+    if not val_items:
+        raise ValueError("tune_watershed: val_items is empty; pass (region_prob, boundary_prob, gt) validation tiles")
+    grid = dict(DEFAULT_GRID if grid is None else grid)
+    base = base or WatershedParams()
+    names = list(grid)
+    unknown = sorted(set(names) - {f.name for f in dataclasses.fields(WatershedParams)})
+    if unknown:
+        raise ValueError(f"tune_watershed: unknown grid parameter(s) {unknown}")
+    table: list[tuple[WatershedParams, float]] = []
+    best, best_score = base, -np.inf
+    for values in itertools.product(*(tuple(grid[n]) for n in names)):
+        params = dataclasses.replace(base, **dict(zip(names, values)))
+        score = score_watershed(val_items, params, metric)
+        table.append((params, score))
+        if score > best_score:
+            best, best_score = params, score
+    return (best, table) if return_table else best
+
 
 #: stage 1: probability thresholds (MONAI HoVerNet-style markers: region minus uncertain boundary)
 THRESHOLD_GRID: dict[str, tuple] = {

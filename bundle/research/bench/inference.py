@@ -100,12 +100,8 @@ def _config_watershed(post_scale: str, factor: float):
 def run(args: Any) -> list[dict]:
     from skimage.segmentation import find_boundaries
 
-    from bundle.data.io import (
-        read_image,
-        read_label,
-        write_png_atomic,
-        write_text_atomic,
-    )
+    from bundle.core.files import write_png_atomic, write_text_atomic
+    from bundle.data.io import read_image, read_label
     from bundle.data.scale import ToModelScaled
     from bundle.data.transforms import Grayscale, ReinhardNormalize
     from bundle.inference.blocks import segment_blocks

@@ -9,7 +9,7 @@ holds instances (not a binary mask), AJI, AJI+, DQ, SQ, PQ and detection F1
 
 :class:`InstanceMetricsHandler` does this for every evaluated tile. The per-image values go into
 ``engine.state.metric_details`` and their means into ``engine.state.metrics``, where
-:class:`bundle.engine.tables.MetricsTableWriter` and MONAI's ``StatsHandler`` find them beside the pixel metrics.
+:class:`bundle.handlers.tables.MetricsTableWriter` and MONAI's ``StatsHandler`` find them beside the pixel metrics.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from bundle.cli import read_flags
+from bundle.core.cli import read_flags
 from bundle.data.scale import model_shape, scale_factor
-from bundle.distributed import gather_objects
+from bundle.core.distributed import gather_objects
 from bundle.evaluation.instance import instance_metrics
 from bundle.evaluation.pixel import BoundaryF1Metric, HausdorffMetric
 from bundle.nuclei.watershed import (
@@ -105,7 +105,7 @@ class InstanceMetricsHandler:
 
     The values are refreshed after every iteration. Under DDP every rank scores its own tiles and the rows are
     gathered in rank order at the end of the epoch, the order in which MONAI gathers its metric details and
-    :class:`bundle.engine.tables.MetricsTableWriter` its file names; list this handler before the writer so
+    :class:`bundle.handlers.tables.MetricsTableWriter` its file names; list this handler before the writer so
     the gathered values are in place when it writes.
     """
 

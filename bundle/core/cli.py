@@ -16,14 +16,14 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from bundle.data.io import DataError
+from bundle.core.errors import DataError
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
 def find_data_error(exc: BaseException | None) -> DataError | None:
-    """The first :class:`bundle.data.io.DataError` in an exception's cause/context chain (MONAI wraps errors raised
+    """The first :class:`bundle.core.errors.DataError` in an exception's cause/context chain (MONAI wraps errors raised
     while a config is instantiated or a transform runs), or None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -69,7 +69,7 @@ def switch(flag: object, name: str, on: Any = True, off: Any = False) -> Any:
     """``on`` if the switch ``flag`` (read by :func:`as_flag`, errors naming ``name``) is on, else ``off``.
 
     What a config uses where an on/off id decides a value, instead of a ``$`` expression that would take the string
-    ``'false'`` for true: ``"reference": {"_target_": "bundle.cli.switch", "flag": "@reinhard", "name": "--reinhard",
+    ``'false'`` for true: ``"reference": {"_target_": "bundle.core.cli.switch", "flag": "@reinhard", "name": "--reinhard",
     "on": "@reinhard_reference", "off": null}``; ``"_disabled_"`` gets ``"on": false, "off": true``.
     """
     return on if as_flag(flag, name) else off

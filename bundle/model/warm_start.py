@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from bundle.data.io import DataError
+from bundle.core.errors import DataError
 from bundle.model.instance import copy_decoder_stages
 
 __all__ = ["warm_start"]
