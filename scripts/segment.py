@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-
 from bundle.core.cli import data_path, data_value, find_data_error  # noqa: E402
+from bundle.core.distributed import shutdown, start_process_group  # noqa: E402
 from bundle.data.scale import DEFAULT_PIXEL_SIZE  # noqa: E402
 from bundle.inference.engine import check_settings, exit_code, load_segmenter  # noqa: E402
 from bundle.inference.writers import OUTPUT_FORMATS  # noqa: E402
@@ -89,9 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed:  # only to gather the run summary; the images are split by rank without communication
-        torch.distributed.init_process_group("gloo")
+    # under torchrun the group only gathers the run summary; the images are split by rank without communication
+    start_process_group()
     try:
         result = run(args)
     except Exception as exc:  # a bad input or option, possibly wrapped by the config parser: one line
@@ -101,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error(str(err))
         return 2
     finally:
-        if distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown()
     # 1: some images failed (listed in segment_summary.json and on the closing line); 2: nothing useful produced
     return exit_code(result)
 
