@@ -31,7 +31,9 @@ COVERED = {
     "train.json": ["test_config_files.py::test_train_builds_trainer_and_evaluator",
                    "test_transforms.py::test_full_train_chain"],
     "train_final.json": ["test_config_files.py::test_train_final_trains_on_the_validation_tiles_too"],
-    "evaluate.json": ["test_config_files.py::test_evaluate_alone_and_after_train_build_the_same_pipeline",
+    "model.json": ["test_contract.py::test_one_edit_of_the_contract_changes_training_evaluation_and_inference",
+                   "test_contract.py::test_network_takes_contract_ids_and_network_arguments"],
+    "evaluate.json": ["test_config_files.py::test_evaluate_after_train_scores_the_nuclei_a_user_gets",
                       "test_workflows.py::test_evaluate_merged_after_train_writes_tables"],
     "multi_gpu_train.json": ["test_workflows.py::test_ddp_training_two_processes"],
     "multi_gpu_evaluate.json": ["test_workflows.py::test_ddp_evaluation_matches_single_process"],
@@ -142,34 +144,37 @@ def test_train_final_trains_on_the_validation_tiles_too(tiny_tnbc, tmp_path, one
     assert patience == trainer.state.max_epochs == 200
 
 
-def test_evaluate_alone_and_after_train_build_the_same_pipeline(tnbc_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # evaluate.json's '%configs/train.json#...' macros are relative to the bundle root
+def test_evaluate_after_train_scores_the_nuclei_a_user_gets(tnbc_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no macro: the merged configs parse from any folder
     overrides = dict(data_root=str(tnbc_dir.parent), output_dir=str(tmp_path), device="cpu", num_workers=0)
-    alone = _parser(["evaluate.json"], **overrides)
-    merged = _parser(["train.json", "evaluate.json"], **overrides)
-    for parser in (alone, merged):
-        net = parser.get_parsed_content("network_def")
-        assert isinstance(net, DSHFN) and net.in_channels == 3
-        chain = [type(t).__name__ for t in parser.get_parsed_content("validate#preprocessing").transforms]
-        assert chain[:2] == ["CopyItemsd", "LoadTiled"]  # the released label at the tile's size, not cleaned
-        assert chain[2:] == [type(t).__name__ for t in merged.get_parsed_content("validate#preprocessing").transforms][2:]
-        assert "RandSpatialCropd" not in chain and "ToModelScaled" in chain
-        handlers = parser.get_parsed_content("validate#handlers")
-        loader = next(h for h in handlers if type(h).__name__ == "WeightsLoader")
-        assert loader.load_path == str(tmp_path / "models" / "model.pt") and loader.option == "--ckpt_path"
-        assert type(parser.get_parsed_content("validate#inferer")).__name__ == "SlidingWindowInferer"
-        # the nuclei a user gets: inference.json's watershed on the model-scale maps copied before binarisation
-        nuclei = next(h for h in handlers if type(h).__name__ == "InstanceMetricsHandler")
-        shipped = json.loads((CONFIGS / "inference.json").read_text())
-        assert nuclei.params.to_dict() == shipped["watershed"] and nuclei.pred_key == "maps"
-        assert nuclei.model_pixel_size == shipped["model_pixel_size"] == parser.get_parsed_content("model_pixel_size")
-        first = parser.get_parsed_content("validate#postprocessing").transforms[0]
-        assert type(first).__name__ == "CopyItemsd" and list(first.keys) == ["pred"] and list(first.names) == ["maps"]
-    off = _parser(["evaluate.json"], nuclei_metrics=False, **overrides).get_parsed_content("validate#handlers")
+    parser = _parser(["train.json", "evaluate.json"], **overrides)
+    train = _parser(["train.json"], **overrides)
+    net = parser.get_parsed_content("network_def")
+    assert isinstance(net, DSHFN) and net.in_channels == 3
+    chain = [type(t).__name__ for t in parser.get_parsed_content("validate#preprocessing").transforms]
+    assert chain[:2] == ["CopyItemsd", "LoadTiled"]  # the released label at the tile's size, not cleaned
+    assert chain[2:] == [type(t).__name__ for t in train.get_parsed_content("validate#preprocessing").transforms]
+    assert "RandSpatialCropd" not in chain and "ToModelScaled" in chain
+    handlers = parser.get_parsed_content("validate#handlers")
+    loader = next(h for h in handlers if type(h).__name__ == "WeightsLoader")
+    assert loader.load_path == str(tmp_path / "models" / "model.pt") and loader.option == "--ckpt_path"
+    assert type(parser.get_parsed_content("validate#inferer")).__name__ == "SlidingWindowInferer"
+    # the nuclei a user gets: the contract's watershed on the model-scale maps copied before binarisation
+    nuclei = next(h for h in handlers if type(h).__name__ == "InstanceMetricsHandler")
+    contract = json.loads((CONFIGS / "model.json").read_text())
+    assert nuclei.params.to_dict() == contract["watershed"] and nuclei.pred_key == "maps"
+    assert nuclei.model_pixel_size == contract["model_pixel_size"] == parser.get_parsed_content("model_pixel_size")
+    first = parser.get_parsed_content("validate#postprocessing").transforms[0]
+    assert type(first).__name__ == "CopyItemsd" and list(first.keys) == ["pred"] and list(first.names) == ["maps"]
+    off = _parser(["train.json", "evaluate.json"], nuclei_metrics=False, **overrides).get_parsed_content("validate#handlers")
     assert "InstanceMetricsHandler" not in [type(h).__name__ for h in off]
-    eval_ids = [it["id"] for it in alone.get_parsed_content("eval_datalist")]
-    assert eval_ids == [it["id"] for it in _parser(["train.json"], **overrides).get_parsed_content("val_datalist")]
-    assert alone.get_parsed_content("eval_dir") == str(tmp_path / "eval" / "val_paper")
+    eval_ids = [it["id"] for it in parser.get_parsed_content("eval_datalist")]
+    assert eval_ids == [it["id"] for it in train.get_parsed_content("val_datalist")]
+    assert parser.get_parsed_content("eval_dir") == str(tmp_path / "eval" / "val_paper")
+    # a command line's watershed entry reaches the handler through the contract
+    tuned = _parser(["train.json", "evaluate.json"], **{"watershed#min_size": 30}, **overrides)
+    assert next(h for h in tuned.get_parsed_content("validate#handlers")
+                if type(h).__name__ == "InstanceMetricsHandler").params.min_size == 30
 
 
 def test_kfold_datalists_are_the_committed_folds(tnbc_dir, tmp_path):

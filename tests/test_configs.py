@@ -66,15 +66,6 @@ def test_config_workflow_has_all_properties(workflow_type, config, tnbc_dir, tmp
     assert wf.check_properties() == []
 
 
-def test_inference_config_network_matches_training():
-    """inference.json stands alone (no macros, so it runs from any folder); it must build the same network."""
-    train = json.loads((CONFIGS / "train.json").read_text())
-    infer = json.loads((CONFIGS / "inference.json").read_text())
-    assert infer["network_def"] == train["network_def"]
-    for key in ("reinhard_reference", "reinhard", "input_mode", "features", "upsample", "model_pixel_size"):
-        assert infer[key] == train[key], key
-
-
 def test_verify_net_in_out():
     out = _cli("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file",
                "configs/train.json", "--n", "4", "--any", "1", "--device", "cpu")

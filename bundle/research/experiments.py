@@ -102,10 +102,7 @@ def schedule_tag(schedule: str | os.PathLike, max_epochs: int | None = None) -> 
 
 def _config_files(variant: str, pipeline: Sequence[str] = (), overrides: Sequence[str] = ()) -> list[Path]:
     """Config files in merge order: train.json, the ``pipeline`` files (e.g. evaluate.json), the variant,
-    ``overrides``.
-
-    The variant comes after the pipeline files because evaluate.json re-imports train.json's ``network_def``.
-    """
+    ``overrides``."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     root = Path(bundle_root())
