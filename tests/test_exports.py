@@ -17,15 +17,17 @@ from skimage.measure import find_contours, regionprops_table
 from skimage.segmentation import find_boundaries
 
 from bundle.data.io import read_image, read_label
+from bundle.inference.blocks import NucleusBlock
+from bundle.inference.sources import ArraySource
+from bundle.inference.writers import TileOutputs
 from bundle.nuclei import exports
 from bundle.nuclei.exports import (
     instance_overlay,
     instance_polygons,
     instances_geojson,
-    pixel_edge_rings,
+    label_edge_rings,
     ring_area,
     write_instance_map,
-    write_tile_outputs,
 )
 
 
@@ -48,26 +50,39 @@ def densify(ring: np.ndarray, step: float = 0.25) -> np.ndarray:
 def test_single_pixel_and_l_shape_by_hand():
     m = np.zeros((3, 3), bool)
     m[1, 1] = True
-    (ring,) = pixel_edge_rings(m)
+    (ring,) = mask_rings(m)
     # pixel (1, 1) is the unit square [1, 2] x [1, 2]; interior on the left -> (1,1) (2,1) (2,2) (1,2) (1,1)
     np.testing.assert_array_equal(ring, [[1, 1], [2, 1], [2, 2], [1, 2], [1, 1]])
     assert ring_area(ring) == 1.0
     m = np.zeros((4, 4), bool)
     m[0:3, 0] = True
     m[2, 1] = True  # an L of 4 pixels: 6 corners, area 4
-    (ring,) = pixel_edge_rings(m)
+    (ring,) = mask_rings(m)
     assert len(ring) == 7 and ring_area(ring) == 4.0 and (ring[0] == ring[-1]).all()
 
 
 def test_diagonal_touch_gives_separate_rings_and_holes_are_filled():
     m = np.zeros((4, 4), bool)
     m[0, 0] = m[1, 1] = True
-    rings = pixel_edge_rings(m)
+    rings = mask_rings(m)
     assert sorted(ring_area(r) for r in rings) == [1.0, 1.0]
     donut = np.ones((5, 5), bool)
     donut[2, 2] = False
-    (ring,) = pixel_edge_rings(donut)
+    (ring,) = mask_rings(donut)
     assert ring_area(ring) == 25.0  # exterior only, hole filled (nuclei have no holes)
+
+
+def mask_rings(mask: np.ndarray) -> list[np.ndarray]:
+    """The outer rings of a binary mask's 4-connected components (:func:`label_edge_rings` of the mask as one label)."""
+    return label_edge_rings(np.asarray(mask, bool).astype(np.uint8)).get(1, [])
+
+
+def write_tile(out_dir, stem, image, labels, region, boundary, formats):
+    """The engine's writer (bundle.inference.writers.TileOutputs) on one block that is the whole tile."""
+    outputs = TileOutputs(out_dir, stem, labels.shape, formats)
+    outputs.add(NucleusBlock((0, 0), labels.astype(np.int32), region.astype(np.float32),
+                             boundary.astype(np.float32), image))
+    return outputs.close(ArraySource(image))
 
 
 @pytest.fixture(scope="module")
@@ -173,20 +188,20 @@ def test_geojson_structure_offset_and_scale(monuseg_tile):
 
 def test_csv_matches_regionprops(monuseg_tile, tmp_path):
     image, labels, region, boundary = monuseg_tile
-    paths = write_tile_outputs(tmp_path, "tile-1", image, labels, region, boundary, formats=("csv",), offset=(64, 128))
+    paths = write_tile(tmp_path, "tile-1", image, labels, region, boundary, formats=("csv",))
     with open(paths["csv"], newline="") as f:
         rows = list(csv.DictReader(f))
     ref = regionprops_table(
         labels,
-        intensity_image=np.dstack([image.astype(float), region]),
+        intensity_image=np.dstack([image.astype(float), region.astype(np.float32)]),  # the engine keeps float32 maps
         properties=("label", "centroid", "area", "perimeter", "eccentricity", "solidity", "intensity_mean"),
     )
     assert [int(r["id"]) for r in rows] == ref["label"].tolist()
     gray_ref = regionprops_table(labels, intensity_image=image.astype(float) @ [0.299, 0.587, 0.114],
                                  properties=("intensity_mean",))["intensity_mean"]
     col = lambda name: np.array([float(r[name]) for r in rows])  # noqa: E731
-    np.testing.assert_allclose(col("centroid_x"), 64 + ref["centroid-1"] + 0.5)
-    np.testing.assert_allclose(col("centroid_y"), 128 + ref["centroid-0"] + 0.5)
+    np.testing.assert_allclose(col("centroid_x"), ref["centroid-1"] + 0.5)
+    np.testing.assert_allclose(col("centroid_y"), ref["centroid-0"] + 0.5)
     np.testing.assert_array_equal(col("area_px"), ref["area"])
     for name, key in [("perimeter_px", "perimeter"), ("eccentricity", "eccentricity"), ("solidity", "solidity"),
                       ("mean_r", "intensity_mean-0"), ("mean_g", "intensity_mean-1"), ("mean_b", "intensity_mean-2"),
@@ -197,11 +212,9 @@ def test_csv_matches_regionprops(monuseg_tile, tmp_path):
 
 
 # --- files ------------------------------------------------------------------------------------------------------
-def test_write_tile_outputs_all_formats(monuseg_tile, tmp_path):
+def test_tile_outputs_all_formats(monuseg_tile, tmp_path):
     image, labels, region, boundary = monuseg_tile
-    paths = write_tile_outputs(
-        tmp_path, "TCGA-crop_1", image, labels, region, boundary, formats=exports.FORMATS, offset=(10, 20)
-    )
+    paths = write_tile(tmp_path, "TCGA-crop_1", image, labels, region, boundary, formats=exports.FORMATS)
     assert set(paths) == set(exports.FORMATS)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())  # no temp files left
     with Image.open(paths["png"]) as im:
@@ -249,17 +262,15 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_bad_input_is_one_clear_error(monuseg_tile, tmp_path):
-    image, labels, region, _ = monuseg_tile
-    with pytest.raises(ValueError, match="tile_id"):
-        write_tile_outputs(tmp_path, "../escape", image, labels, region)
-    with pytest.raises(ValueError, match="unknown format"):
-        write_tile_outputs(tmp_path, "t", image, labels, region, formats=("png", "jpeg"))
+    image, labels, region, boundary = monuseg_tile
+    with pytest.raises(ValueError, match="unknown output format"):
+        TileOutputs(tmp_path, "t", labels.shape, formats=("png", "jpeg"))
     with pytest.raises(ValueError, match="region_prob"):
-        write_tile_outputs(tmp_path, "t", image, labels, region[:10])
+        exports.nucleus_table(image, labels, region[:10])
     with pytest.raises(ValueError, match="image_rgb"):
-        write_tile_outputs(tmp_path, "t", image.astype(np.float32), labels, region)
+        exports.nucleus_table(image.astype(np.float32), labels, region)
     with pytest.raises(ValueError, match="instances"):
-        write_tile_outputs(tmp_path, "t", image, labels.astype(float), region)
+        exports.nucleus_table(image, labels.astype(float), region)
     with pytest.raises(ValueError, match="scale"):
-        write_tile_outputs(tmp_path, "t", image, labels, region, scale=0)
+        exports.nucleus_table(image, labels, region, boundary, scale=0)
     assert list(tmp_path.iterdir()) == []

@@ -24,7 +24,6 @@ from bundle.evaluation.pixel import (
     PixelRecallHandler,
     mask_boundary,
     nearest_sq_distance,
-    segmentation_metrics,
 )
 
 SIZE = 256
@@ -281,22 +280,6 @@ def _np_region_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
         "precision": tp / (tp + fp) if tp + fp else nan,
         "recall": tp / (tp + fn) if tp + fn else nan,
     }
-
-
-def test_segmentation_metrics_match_numpy(cases, monai_hd):
-    names, y_pred, y = cases
-    metrics = segmentation_metrics()
-    assert set(metrics) == {"dice", "iou", "precision", "recall", "bf1", "hd", "hd95"}
-    for metric in metrics.values():
-        metric(y_pred, y)
-    ref = [_np_region_scores(y_pred[k, 0].numpy() > 0, y[k, 0].numpy() > 0) for k in range(len(names))]
-    for name in ("dice", "iou", "precision", "recall"):
-        value = metrics[name].aggregate()
-        value = value[0] if isinstance(value, list) else value
-        assert value.item() == pytest.approx(np.nanmean([r[name] for r in ref]), rel=1e-5), name
-    assert metrics["hd95"].aggregate().item() == pytest.approx(monai_hd[95].nanmean().item(), rel=1e-5)
-    assert metrics["hd"].aggregate().item() == pytest.approx(monai_hd[None].nanmean().item(), rel=1e-5)
-    assert metrics["bf1"].aggregate().item() == pytest.approx(BoundaryF1Metric()(y_pred, y).nanmean().item(), rel=1e-6)
 
 
 def test_ignite_handlers_report_the_metric_values(cases, monai_hd):

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "bundle"
 ALLOWED = {
     "core": set(),
     "data": {"core"},
-    "model": {"core"},
+    "model": {"core", "bundle"},  # bundle_root: where configs/model.json is
     "evaluation": {"core"},
     "nuclei": {"core", "data"},
     "handlers": {"core", "data", "model", "evaluation", "nuclei"},

@@ -27,11 +27,16 @@ from bundle.research.transfer import (
     fold_role,
     transfer_datalist,
     transfer_folds,
-    transfer_ids,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ROOT / "configs" / "splits" / "monuseg_5fold_seed42.json"
+
+
+def transfer_ids(splits: dict, row: int, part: str) -> list[str]:
+    """Image ids of ``part`` of row ``row`` of a split dict (``all``: every fold)."""
+    folds = range(len(splits["folds"])) if part == "all" else transfer_folds(row, len(splits["folds"]))[part]
+    return sorted(i for f in folds for i in splits["folds"][f]["ids"])
 
 
 def test_protocol_of_every_row_on_the_committed_monuseg_split():
@@ -55,7 +60,7 @@ def test_protocol_of_every_row_on_the_committed_monuseg_split():
     with pytest.raises(ValueError, match="at least 3 folds"):
         transfer_folds(0, n_folds=2)
     with pytest.raises(ValueError, match="part must be"):
-        transfer_ids(splits, 0, "holdout")
+        transfer_datalist(ROOT / "no_dataset", 0, "holdout")
 
 
 def test_transfer_datalists_are_organ_groups_of_the_shared_monuseg(monuseg_dir):

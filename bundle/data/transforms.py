@@ -76,7 +76,6 @@ __all__ = [
     "ReinhardNormalized",
     "LUMA_WEIGHTS",
     "Grayscale",
-    "Grayscaled",
     "clean_label_map",
     "CleanMask",
     "CleanMaskd",
@@ -293,22 +292,6 @@ class Grayscale(Transform):
         img = convert_to_dst_type(img, img, dtype=dtype)[0]
         w_r, w_g, w_b = self.weights
         return w_r * img[0:1] + w_g * img[1:2] + w_b * img[2:3]
-
-
-class Grayscaled(MapTransform):
-    """Dictionary form of :class:`Grayscale`."""
-
-    def __init__(
-        self, keys: KeysCollection, weights: str | Sequence[float] = "bt601", allow_missing_keys: bool = False
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.grayscale = Grayscale(weights)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.grayscale(d[key])
-        return d
 
 
 # ------------------------------------------------------------------------------------------- label cleaning

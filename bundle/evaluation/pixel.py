@@ -1,6 +1,6 @@
 """Evaluation metrics of paper §4.3 (eq. 28-31) on binary (N, C, H, W) masks.
 
-Dice, IoU and pixel precision/recall are MONAI's own metrics (see :func:`segmentation_metrics`).
+Dice and IoU are MONAI's own metrics (``MeanDice``, ``MeanIoUHandler`` in the configs).
 Boundary F1 (eq. 30) and the Hausdorff distance, which MONAI lacks or computes on the host one
 sample at a time, are written here in batched torch on the tensors' device:
 
@@ -24,10 +24,7 @@ import torch
 import torch.nn.functional as F
 from monai.handlers import ConfusionMatrix, IgniteMetricHandler
 from monai.metrics import (
-    ConfusionMatrixMetric,
     CumulativeIterationMetric,
-    DiceMetric,
-    MeanIoU,
 )
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric
 from monai.metrics.utils import do_metric_reduction, ignore_background
@@ -42,7 +39,6 @@ __all__ = [
     "HausdorffHandler",
     "PixelPrecisionHandler",
     "PixelRecallHandler",
-    "segmentation_metrics",
     "MATLAB_BFSCORE_FRACTION",
 ]
 
@@ -545,22 +541,3 @@ class PixelRecallHandler(_PerImageConfusionMetric):
         )
 
 
-def segmentation_metrics(
-    tolerance: float | None = None, tolerance_fraction: float | None = None, hd_percentile: float = 95
-) -> dict[str, CumulativeIterationMetric]:
-    """The paper's metric set (§4.3) for binary (N, 1, H, W) masks, each a per-image mean over non-nan images.
-
-    ``dice``/``iou`` are MONAI ``DiceMetric``/``MeanIoU`` (eq. 28-29; an empty ground truth gives nan and is
-    skipped); ``precision``/``recall`` (eq. 31) are MONAI ``ConfusionMatrixMetric`` computed per image
-    (``compute_sample=True``; nan when undefined, e.g. precision of an empty prediction); ``bf1`` (eq. 30) and
-    ``hd``/``hd95`` are this module's. ``ConfusionMatrixMetric.aggregate`` returns a list ([value]).
-    """
-    return {
-        "dice": DiceMetric(include_background=True, reduction="mean"),
-        "iou": MeanIoU(include_background=True, reduction="mean"),
-        "precision": ConfusionMatrixMetric(include_background=True, metric_name="precision", compute_sample=True),
-        "recall": ConfusionMatrixMetric(include_background=True, metric_name="recall", compute_sample=True),
-        "bf1": BoundaryF1Metric(tolerance=tolerance, tolerance_fraction=tolerance_fraction),
-        "hd": HausdorffMetric(include_background=True),
-        f"hd{hd_percentile:g}": HausdorffMetric(percentile=hd_percentile, include_background=True),
-    }

@@ -19,7 +19,7 @@ from bundle.data.io import IMAGE_SUFFIXES, tile_id
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["find_tiles", "tile_id", "output_files", "is_done", "ensure_output_dir", "clean_stale_temp"]
+__all__ = ["find_tiles", "tile_id", "output_files", "ensure_output_dir", "clean_stale_temp"]
 
 #: output files of each format (any one of them present counts): label map and overlay are tiled TIFFs instead
 #: of PNGs for images above :data:`bundle.inference.writers.PNG_MAX_PIXELS`
@@ -74,14 +74,6 @@ def _list_tiles(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 def output_files(out_dir: str | os.PathLike, stem: str, fmt: str) -> list[Path]:
     """The files that hold ``fmt`` output of tile ``stem`` (any one present is enough)."""
     return [Path(out_dir) / pattern.format(stem) for pattern in _FORMAT_FILES[fmt]]
-
-
-def is_done(out_dir: str | os.PathLike, stem: str, marker_suffix: str, formats: Sequence[str] = ()) -> bool:
-    """A tile is done when its marker (written last) exists and so does an output of every format asked."""
-    out_dir = Path(out_dir)
-    if not (out_dir / f"{stem}{marker_suffix}").is_file():
-        return False
-    return all(any(p.is_file() for p in output_files(out_dir, stem, f)) for f in formats)
 
 
 def _same_folder(a: Path, b: Path) -> bool:

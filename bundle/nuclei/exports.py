@@ -5,7 +5,7 @@ top-left CORNER of the tile, pixel (r, c) covers [c, c+1] x [r, r+1]; output = `
 ``offset = (x, y)`` of the tile's top-left corner in slide pixels and ``scale`` = slide pixels per tile pixel
 (the tile's downsample). So a pixel centre is at ``+ 0.5`` and the CSV centroid is regionprops' centroid + 0.5.
 
-Polygons are traced along pixel EDGES (:func:`pixel_edge_rings`), not through pixel centres: the polygon's area
+Polygons are traced along pixel EDGES (:func:`label_edge_rings`), not through pixel centres: the polygon's area
 equals the nucleus pixel count exactly and rasterising it back (``skimage.draw.polygon`` at pixel centres) gives
 the same pixels. ``skimage.measure.find_contours`` (marching squares at level 0.5) cuts every corner and loses
 about half a pixel per boundary pixel (a 1-pixel nucleus becomes a 0.5-area diamond), too much for small nuclei.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import json
 import math
 import os
 import uuid
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from skimage.measure import approximate_polygon
 
-from bundle.core.files import atomic_write, write_png_atomic, write_text_atomic
+from bundle.core.files import atomic_write, write_png_atomic
 from bundle.nuclei.measure import border_pixels, label_properties
 from bundle.nuclei.overlays import PRED_RGB
 
@@ -35,7 +34,6 @@ __all__ = [
     "FORMATS",
     "GRAY_WEIGHTS",
     "NUCLEUS_CLASS",
-    "pixel_edge_rings",
     "label_edge_rings",
     "ring_area",
     "instance_polygons",
@@ -43,7 +41,6 @@ __all__ = [
     "instances_geojson",
     "instance_overlay",
     "write_instance_map",
-    "write_tile_outputs",
 ]
 
 FORMATS = ("png", "tiff", "geojson", "csv", "overlay")
@@ -176,11 +173,6 @@ def label_edge_rings(labels: np.ndarray) -> dict[int, list[np.ndarray]]:
         ring = vertices[first[k] : first[k] + count[k]]
         rings.setdefault(int(lab[heads[k]]), []).append(np.concatenate([ring, ring[:1]]))
     return dict(sorted(rings.items()))
-
-
-def pixel_edge_rings(mask: np.ndarray) -> list[np.ndarray]:
-    """:func:`label_edge_rings` of a binary ``mask``: the outer rings of its 4-connected components."""
-    return label_edge_rings(np.asarray(mask, bool).astype(np.uint8)).get(1, [])
 
 
 def _simplify(ring: np.ndarray, tolerance: float) -> np.ndarray:
@@ -414,65 +406,3 @@ def write_instance_map(path: str | os.PathLike, instances: np.ndarray) -> Path:
     else:
         raise ValueError(f"write_instance_map({path}): use a .png, .tif or .tiff file name")
     return path
-
-
-def _plain_stem(tile_id: object) -> bool:
-    """One file name component: any printable name (spaces, brackets, accents: what scanners and users
-    export) except a path (``/``, ``\\``), ``.``/``..`` or an empty one."""
-    return (isinstance(tile_id, str) and tile_id not in ("", ".", "..") and tile_id.isprintable()
-            and not any(c in tile_id for c in "/\\\0") and len(tile_id.encode("utf-8", "surrogateescape")) <= 200)
-
-
-def write_tile_outputs(
-    out_dir: str | os.PathLike,
-    tile_id: str,
-    image_rgb: np.ndarray,
-    instances: np.ndarray,
-    region_prob: np.ndarray,
-    boundary_prob: np.ndarray | None = None,
-    formats: Sequence[str] = ("png", "geojson", "csv", "overlay"),
-    offset: Sequence[float] = (0, 0),
-    scale: float = 1.0,
-    tolerance: float = 0.0,
-) -> dict[str, Path]:
-    """Write the chosen per-tile outputs into ``out_dir`` atomically and return ``{format: path}``.
-
-    Files: ``png`` -> ``<tile_id>_instances.png`` (uint16 label map), ``tiff`` -> ``<tile_id>_instances.tif``,
-    ``geojson`` -> ``<tile_id>.geojson`` (:func:`instances_geojson`), ``csv`` -> ``<tile_id>_nuclei.csv``
-    (:func:`nucleus_table`), ``overlay`` -> ``<tile_id>_overlay.png`` (:func:`instance_overlay`).
-    ``offset`` = (x, y) of the tile's top-left corner in slide pixels and ``scale`` = slide pixels per tile pixel,
-    applied to GeoJSON coordinates and CSV centroids; the label map and overlay stay in tile pixels.
-    """
-    if not _plain_stem(tile_id):
-        raise ValueError(
-            f"write_tile_outputs: tile_id {tile_id!r} must be a file name stem (no '/', '\\', '..'; printable)"
-        )
-    unknown = sorted(set(formats) - set(FORMATS))
-    if unknown:
-        raise ValueError(f"write_tile_outputs: unknown format(s) {unknown}; choose from {FORMATS}")
-    inst, img, region, boundary = _check_inputs(image_rgb, instances, region_prob, boundary_prob)
-    _check_frame(offset, scale)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    paths: dict[str, Path] = {}
-    table = None
-    if "csv" in formats or "geojson" in formats:
-        table = nucleus_table(img, inst, region, boundary, offset, scale)
-    if "png" in formats:
-        paths["png"] = write_instance_map(out_dir / f"{tile_id}_instances.png", inst)
-    if "tiff" in formats:
-        paths["tiff"] = write_instance_map(out_dir / f"{tile_id}_instances.tif", inst)
-    if "geojson" in formats:
-        collection = instances_geojson(
-            inst, region, img, boundary, offset=offset, scale=scale, tolerance=tolerance, tile_id=tile_id, table=table
-        )
-        paths["geojson"] = out_dir / f"{tile_id}.geojson"
-        write_text_atomic(paths["geojson"], json.dumps(collection, separators=(",", ":"), allow_nan=False))
-    if "csv" in formats:
-        paths["csv"] = out_dir / f"{tile_id}_nuclei.csv"
-        write_text_atomic(paths["csv"], table_csv(table))
-    if "overlay" in formats:
-        paths["overlay"] = out_dir / f"{tile_id}_overlay.png"
-        write_png_atomic(paths["overlay"], instance_overlay(img, inst))
-    return paths

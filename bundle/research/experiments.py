@@ -376,18 +376,6 @@ def per_fold_table(results_dir: str | os.PathLike, variants: Iterable[str] | Non
     return "\n".join(lines)
 
 
-def paired_differences(results_dir: str | os.PathLike, a: str, b: str, resolution: str = "paper") -> dict[str, Any]:
-    """Per-fold differences ``a - b`` of every table metric over the folds both variants finished."""
-    found = collect(results_dir, resolution)
-    folds = sorted(set(found.get(a, {})) & set(found.get(b, {})))
-    diffs = {}
-    for key, _, _ in TABLE_METRICS:
-        d = [found[a][k][key] - found[b][k][key] for k in folds if key in found[a][k] and key in found[b][k]]
-        if d:
-            diffs[key] = {"mean": _mean_sd(d)[0], "per_fold": d}
-    return {"folds": folds, "diffs": diffs}
-
-
 # --- MoNuSeg cross-organ transfer (paper Figure 5) --------------------------------------------------------------
 
 #: config files of a transfer row, merged after train.json (training) and after train.json + evaluate.json

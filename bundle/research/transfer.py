@@ -15,11 +15,11 @@ row is optimistic (it chose the checkpoint) and the diagonal is the training org
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Literal
 
 from bundle.data.layout import get_datalist
 
-__all__ = ["ROLES", "transfer_folds", "fold_role", "transfer_ids", "transfer_datalist"]
+__all__ = ["ROLES", "transfer_folds", "fold_role", "transfer_datalist"]
 
 #: what a fold is for a given row: its training organ, its model-selection organ, or a held-out test organ
 ROLES = ("train", "val", "test")
@@ -40,13 +40,6 @@ def fold_role(row: int, fold: int, n_folds: int = 5) -> str:
     """Role (``"train"``, ``"val"`` or ``"test"``) of ``fold`` for the model of row ``row``."""
     parts = transfer_folds(row, n_folds)
     return next(role for role in ROLES if fold in parts[role])
-
-
-def transfer_ids(splits: dict[str, Any], row: int, part: TransferPart) -> list[str]:
-    """Image ids of ``part`` of row ``row`` in a split dict (:func:`bundle.data.layout.load_or_create_splits`);
-    ``"all"`` = every cross-validation image (the train, val and test parts together)."""
-    folds = _part_folds(row, part, len(splits["folds"]))
-    return sorted(i for f in folds for i in splits["folds"][f]["ids"])
 
 
 def _part_folds(row: int, part: str, n_folds: int) -> list[int]:
