@@ -199,19 +199,29 @@ def run_probe(name: str, spec: Mapping[str, Any], data_root: str, runs_dir: str 
     return result
 
 
+def _scored_rows(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str, Any]]]:
+    """``(file stem, result)`` of every scored file (a folder stands for its ``*.json``), best validation AJI first."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    rows = [(f.stem, json.loads(f.read_text())) for f in files]
+    rows.sort(key=lambda r: -r[1]["instance_sets"].get("aji", float("nan")))
+    return rows
+
+
 def recipe_table(results_dir: str | os.PathLike, baseline: Mapping[str, Any] | None = None) -> str:
     """Markdown table, one row per scored probe (``<results_dir>/*.json``), best validation AJI first; the
-    switches column lists the ids that differ from ``baseline``."""
+    switches column lists the ids that differ from ``baseline`` and the config files not every probe merged."""
     base = dict(baseline or {})
-    rows = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
-    rows.sort(key=lambda r: -r["instance_sets"].get("aji", float("nan")))
+    rows = [r for _, r in _scored_rows([results_dir])]
+    shared = set.intersection(*(set(r["configs"]) for r in rows)) if rows else set()
     head = ("| probe | switches | AJI | PQ | Dice | BF1 | HD95 (px) | TNBC Dice | grid | epochs | crops/CPU-s | "
             "train CPU min |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         inst, allm, tn = r["instance_sets"], r["overall"], r["per_dataset"].get("tnbc", {})
         sw = ", ".join([f"{k}={v}" for k, v in r["overrides"].items() if base.get(k, None) != v]
-                       + [f"+{c}" for c in r["configs"] if c not in ("train.json", "datasets.json", "probe_schedule.json")])
+                       + [f"+{c}" for c in r["configs"] if c not in shared])
         sw = sw.replace(", +", " +") or "(baseline)"
         lines.append(f"| {r['probe']} | {sw} | {inst['aji']:.3f} | {inst['pq']:.3f} | {allm['dice']:.3f} | "
                      f"{allm['bf1']:.3f} | {allm['hd95']:.1f} | {tn.get('dice', float('nan')):.3f} | "
@@ -219,23 +229,14 @@ def recipe_table(results_dir: str | os.PathLike, baseline: Mapping[str, Any] | N
     return "\n".join(lines)
 
 
-def _scored_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    files: list[Path] = []
-    for p in map(Path, paths):
-        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
-    return files
-
-
 def per_dataset_table(paths: Sequence[str | os.PathLike], datasets: Sequence[str] = ("consep", "monuseg")) -> str:
     """Markdown table of scored weights (probe results or ``scripts/recipe.py score --out`` files; a folder stands
     for its ``*.json``), best mean AJI first: AJI over the instance-labelled tiles, then AJI / PQ / Dice of each of
     ``datasets``, the watershed's boundary threshold and how many settings its search tried."""
-    rows = [(p.stem, json.loads(p.read_text())) for p in _scored_files(paths)]
-    rows.sort(key=lambda r: -r[1]["instance_sets"].get("aji", float("nan")))
     cols = " | ".join(f"{d} AJI | {d} PQ | {d} Dice" for d in datasets)
     lines = [f"| weights | AJI | {cols} | boundary threshold | settings tried | train CPU min |",
              "|---|---|" + "---|" * (3 * len(datasets)) + "---|---|---|"]
-    for stem, r in rows:
+    for stem, r in _scored_rows(paths):
         per = r["per_dataset"]
         cells = " | ".join(f"{per.get(d, {}).get(m, float('nan')):.3f}" for d in datasets for m in ("aji", "pq", "dice"))
         tried = (r.get("tuning") or {}).get("settings", "(fixed)")
