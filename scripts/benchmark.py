@@ -17,11 +17,10 @@ import argparse
 import importlib
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bundle_path  # noqa: F401  (the bundle root on sys.path)
 
-from bundle.research.bench import format_table  # noqa: E402
+from bundle.research.bench import format_table
 
 SUITES = ["network", "metrics", "inference", "cost"]
 

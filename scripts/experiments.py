@@ -21,24 +21,14 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bundle_path  # noqa: F401  (the bundle root on sys.path)
 
-from bundle import bundle_root  # noqa: E402
-from bundle.core.cli import data_path  # noqa: E402
-from bundle.research.experiments import (  # noqa: E402
-    ABLATIONS,
-    KFOLD,
-    RESOLUTIONS,
-    VARIANTS,
-    device_name,
-    per_fold_table,
-    run_fold,
-    run_transfer_row,
-    schedule_tag,
-    split_file_for,
-    summarise,
-    transfer_table,
-)
+from bundle import bundle_root
+from bundle.core.cli import data_path
+from bundle.research.experiments import ABLATIONS, RESOLUTIONS, run_fold
+from bundle.research.launch import KFOLD, VARIANTS, device_name, schedule_tag, split_file_for
+from bundle.research.tables import per_fold_table, summarise
+from bundle.research.transfer import run_transfer_row, transfer_table
 
 #: folds of the k-fold split (``n_folds`` of configs/experiments/kfold.json; the transfer config has the same)
 with open(os.path.join(bundle_root(), KFOLD), encoding="utf-8") as _f:

@@ -29,13 +29,13 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bundle_path import ROOT
 
-from bundle.core.files import write_text_atomic  # noqa: E402
-from bundle.nuclei.watershed import WatershedParams  # noqa: E402
-from bundle.research.experiments import RESOLUTIONS, VARIANTS  # noqa: E402
-from bundle.research.figures import (  # noqa: E402
+from bundle.core.files import write_text_atomic
+from bundle.nuclei.watershed import WatershedParams
+from bundle.research.experiments import RESOLUTIONS
+from bundle.research.launch import VARIANTS
+from bundle.research.figures import (
     plot_curves,
     plot_metric_bars,
     plot_training_curve,
@@ -44,7 +44,7 @@ from bundle.research.figures import (  # noqa: E402
     qualitative_grid,
     training_curve_table,
 )
-from bundle.research.separation import diagnose_weights  # noqa: E402
+from bundle.research.separation import diagnose_weights
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,9 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bundle_path  # noqa: F401  (the bundle root on sys.path)
 
-from bundle.packaging import BUNDLE_NAME, build_bundle_zip  # noqa: E402
+from bundle.packaging import BUNDLE_NAME, build_bundle_zip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bundle_path  # noqa: F401  (the bundle root on sys.path)
 
-from bundle.core.errors import DataError  # noqa: E402
-from bundle.data.layout import validate_dataset  # noqa: E402
-from bundle.data.prepare import convert_monuseg, convert_tnbc  # noqa: E402
+from bundle.core.errors import DataError
+from bundle.data.layout import validate_dataset
+from bundle.data.prepare import convert_monuseg, convert_tnbc
 
 CONVERTERS = {"tnbc": convert_tnbc, "monuseg": convert_monuseg}
 

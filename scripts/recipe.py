@@ -17,11 +17,10 @@ import logging
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bundle_path import ROOT
 
-from bundle.nuclei.watershed import WatershedParams  # noqa: E402
-from bundle.research.recipe import (  # noqa: E402
+from bundle.nuclei.watershed import WatershedParams
+from bundle.research.recipe import (
     PROBE_CONFIGS,
     evaluate_run,
     load_probes,

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bundle_path  # noqa: F401  (the bundle root on sys.path)
 
-from bundle.core.errors import DataError  # noqa: E402
-from bundle.core.files import write_text_atomic  # noqa: E402
-from bundle.data.io import read_image  # noqa: E402
-from bundle.data.layout import get_datalist, validate_dataset  # noqa: E402
-from bundle.data.transforms import reinhard_reference  # noqa: E402
+from bundle.core.errors import DataError
+from bundle.core.files import write_text_atomic
+from bundle.data.io import read_image
+from bundle.data.layout import get_datalist, validate_dataset
+from bundle.data.transforms import reinhard_reference
 
 
 def image_paths(args: argparse.Namespace) -> list[str]:

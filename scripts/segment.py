@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bundle_path import ROOT
 
-from bundle.core.cli import data_path, data_value, find_data_error  # noqa: E402
-from bundle.core.distributed import shutdown, start_process_group  # noqa: E402
-from bundle.data.scale import DEFAULT_PIXEL_SIZE  # noqa: E402
-from bundle.inference.engine import check_settings, exit_code, load_segmenter  # noqa: E402
-from bundle.inference.writers import OUTPUT_FORMATS  # noqa: E402
+from bundle.core.cli import data_path, data_value, find_data_error
+from bundle.core.distributed import shutdown, start_process_group
+from bundle.data.scale import DEFAULT_PIXEL_SIZE
+from bundle.inference.engine import check_settings, exit_code, load_segmenter
+from bundle.inference.writers import OUTPUT_FORMATS
 
 logger = logging.getLogger("segment")
 

@@ -20,18 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bundle_path import ROOT
 
 
-from bundle.core.files import write_text_atomic  # noqa: E402
-from bundle.model.weights import load_weights  # noqa: E402
-from bundle.data.scale import DEFAULT_PIXEL_SIZE  # noqa: E402
-from bundle.inference.chunks import SlidingWindowPredictor  # noqa: E402
-from bundle.inference.engine import load_segmenter  # noqa: E402
-from bundle.nuclei.watershed import WatershedParams  # noqa: E402
-from bundle.research.transfer import transfer_datalist  # noqa: E402
-from bundle.research.tuning import (  # noqa: E402
+from bundle.core.files import write_text_atomic
+from bundle.model.weights import load_weights
+from bundle.data.scale import DEFAULT_PIXEL_SIZE
+from bundle.inference.chunks import SlidingWindowPredictor
+from bundle.inference.engine import load_segmenter
+from bundle.nuclei.watershed import WatershedParams
+from bundle.research.transfer import transfer_datalist
+from bundle.research.tuning import (
     SIZE_GRID,
     THRESHOLD_GRID,
     native_items,

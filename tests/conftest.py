@@ -10,6 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# what Python does for `python scripts/<tool>.py`, for the tests that load a script as a module
+sys.path.insert(0, str(ROOT / "scripts"))
 
 SHARED_DATA = Path(os.environ.get("DSHFN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 

@@ -6,6 +6,8 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,15 +18,9 @@ from monai.networks.nets import BasicUNet
 
 from bundle.model.baselines import SegmentationOutput
 from bundle.model.network import DSHFN
-from bundle.research.experiments import (
-    KFOLD,
-    VARIANTS,
-    per_fold_table,
-    per_image_means,
-    result_paths,
-    run_fold,
-    summarise,
-)
+from bundle.research.experiments import result_paths, run_fold
+from bundle.research.launch import KFOLD, VARIANTS
+from bundle.research.tables import per_fold_table, per_image_means, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,18 +153,18 @@ def test_run_lock_keeps_parallel_workers_apart_and_takes_over_stale_locks(tmp_pa
     import subprocess
     import sys
 
-    from bundle.research.experiments import _RunLock
+    from bundle.research.locks import RunLock
 
     lock_path = tmp_path / "run" / "run.lock"
-    with _RunLock(lock_path) as first:
+    with RunLock(lock_path) as first:
         assert first.acquired and lock_path.read_text() == str(os.getpid())
-        with _RunLock(lock_path) as second:  # the owner is alive: a second worker stays out
+        with RunLock(lock_path) as second:  # the owner is alive: a second worker stays out
             assert not second.acquired
         assert lock_path.is_file()
     assert not lock_path.exists()  # released on exit
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock_path.write_text(dead.stdout.strip())  # a worker that was killed
-    with _RunLock(lock_path) as third:
+    with RunLock(lock_path) as third:
         assert third.acquired and lock_path.read_text() == str(os.getpid())
     busy = tmp_path / "runs" / "dshfn" / "fold0" / "run.lock"
     busy.parent.mkdir(parents=True)
@@ -178,9 +174,7 @@ def test_run_lock_keeps_parallel_workers_apart_and_takes_over_stale_locks(tmp_pa
 
 
 # ------------------------------------------------------------------------------- scripts/experiments.py front end
-def _experiments_cli(*args: str, cwd: Path) -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
+def _experiments_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "experiments.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120,
@@ -226,7 +220,7 @@ def test_experiments_write_under_their_runs_folder_unless_published(tnbc_dir, tm
     assert own_kw["split_file"] == str(runs / "mine" / "splits" / "mine_5fold_seed42.json")
     assert pub_args[4] == str(ROOT / "docs" / "results" / "tnbc_cpu_1ep")
     assert not (ROOT / "docs" / "results" / "tnbc_cpu_1ep").exists() and not runs.exists()  # nothing written yet
-    from bundle.research.experiments import schedule_tag
+    from bundle.research.launch import schedule_tag
 
     assert schedule_tag("configs/schedules/cpu_40ep.json") == "cpu_40ep"
     assert schedule_tag("configs/schedules/cpu_40ep.json", 40) == "cpu_40ep"

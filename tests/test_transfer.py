@@ -13,20 +13,18 @@ from conftest import link_subset, write_csv
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from bundle.research.experiments import (
+from bundle.research.tables import per_image_means
+from bundle.research.transfer import (
     TRANSFER_EVALUATE,
     TRANSFER_TRAIN,
-    per_image_means,
+    fold_role,
     run_transfer_row,
     transfer_csv_path,
+    transfer_datalist,
+    transfer_folds,
     transfer_matrix,
     transfer_summary_path,
     transfer_table,
-)
-from bundle.research.transfer import (
-    fold_role,
-    transfer_datalist,
-    transfer_folds,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,9 +26,9 @@ from PIL import Image
 
 from bundle.core.errors import DataError
 from bundle.data.io import read_image, read_label_and_kind
-from bundle.model.weights import load_weights
 from bundle.inference.files import clean_stale_temp, find_tiles, tiles_for_run
 from bundle.inference.slide import WSISource, open_source
+from bundle.model.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -358,7 +358,7 @@ def test_device_is_data_and_checkpoints_load_weights_only(tmp_path, monkeypatch)
     from ignite.engine import Engine
 
     from bundle.handlers.checkpoints import ResumableCheckpoint
-    from bundle.research.experiments import device_name
+    from bundle.research.launch import device_name
 
     assert device_name("cpu") == "cpu" and device_name("cuda:1") == "cuda:1"
     with pytest.raises(DataError, match="not a torch device"):

@@ -16,13 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bundle.research.experiments import (
-    TABLE_METRICS,
-    VARIANTS,
-    collect,
-    transfer_fold_names,
-    transfer_matrix,
-)
+from bundle import bundle_root
+from bundle.core.files import atomic_write, write_png_atomic
+from bundle.data.io import read_image
+from bundle.data.layout import get_datalist
+from bundle.model.weights import load_weights
+from bundle.nuclei.overlays import contour_overlay
+from bundle.research.launch import VARIANTS
+from bundle.research.tables import TABLE_METRICS, collect
+from bundle.research.transfer import transfer_fold_names, transfer_matrix
 
 #: per-epoch scalars worth keeping (train_loss is logged per iteration and left out)
 CURVE_TAGS = ("val_mean_dice", "val_iou", "val_bf1", "val_hd95", "loss_total", "loss_seg", "loss_edge", "loss_glga", "lr")
@@ -46,8 +48,6 @@ def pyplot():
 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:
-    from bundle.core.files import atomic_write
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
@@ -193,8 +193,6 @@ def qualitative_grid(panels: Sequence[tuple[str, np.ndarray]], out_png: str | os
     """Tile (caption, RGB uint8 (H, W, 3)) panels into one PNG with captions (PIL only)."""
     from PIL import Image, ImageDraw
 
-    from bundle.core.files import write_png_atomic
-
     if not panels:
         raise ValueError("qualitative_grid: no panels")
     columns = max(1, min(columns, len(panels)))
@@ -229,18 +227,12 @@ def prediction_panels(
     from monai.bundle import ConfigParser
     from PIL import Image
 
-    from bundle import bundle_root
-    from bundle.data.io import read_image
-    from bundle.model.weights import load_weights
-    from bundle.nuclei.overlays import contour_overlay
-
     root = Path(bundle_root())
     parser = ConfigParser()
     parser.read_config([str(root / "configs" / "train.json")] + [str(root / f) for f in VARIANTS[variant]])
     parser["dataset_dir"] = str(dataset_dir)
     parser["fold"] = fold
     parser["download"] = False
-    from bundle.data.layout import get_datalist
 
     datalist = get_datalist(dataset_dir, fold, part, parser.get_parsed_content("split_file"))
     chosen, seen = [], {}

@@ -28,13 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from bundle import bundle_root
 from bundle.core.files import write_text_atomic
 from bundle.data.io import read_label
 from bundle.data.scale import model_shape, scale_factor
-from bundle.handlers.instance_eval import native_nuclei, nuclei_scores, unpad
 from bundle.evaluation.instance import aji
+from bundle.handlers.instance_eval import native_nuclei, nuclei_scores, unpad
 from bundle.nuclei.binarize import REGION, watershed_channel
 from bundle.nuclei.watershed import WatershedParams
+from bundle.research.launch import bundle_run
 from bundle.research.tuning import (
     SIZE_GRID,
     THRESHOLD_GRID,
@@ -163,9 +165,6 @@ def run_probe(name: str, spec: Mapping[str, Any], data_root: str, runs_dir: str 
               results_dir: str | os.PathLike, budget_minutes: float) -> dict[str, Any]:
     """Train probe ``name`` for ``budget_minutes`` of CPU time (skipped when its weights exist), then score it
     with :func:`evaluate_run` into ``<results_dir>/<name>.json`` (skipped when that exists)."""
-    from bundle import bundle_root
-    from bundle.research.experiments import bundle_run
-
     root = Path(bundle_root())
     out_json = Path(results_dir) / f"{name}.json"
     if out_json.is_file():

@@ -23,7 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from bundle.data.io import read_image
+from bundle.evaluation.instance import aji
+from bundle.model.weights import load_weights
 from bundle.nuclei.watershed import WatershedParams, instances_from_maps
+from bundle.research.figures import pyplot, save_figure
+from bundle.research.recipe import predict_validation
 
 __all__ = ["touching_pairs", "diagnose_tile", "summarise", "plot_worst_tiles", "diagnose_weights"]
 
@@ -101,8 +106,6 @@ def plot_worst_tiles(tiles: Sequence[Mapping[str, Any]], out_png: str | os.PathL
     ``title`` (and ``image`` (H, W, 3) uint8 with ``data_pixels``)."""
     from skimage.segmentation import find_boundaries
 
-    from bundle.research.figures import pyplot, save_figure
-
     plt = pyplot()
     columns = 5 if data_pixels else 3
     fig, axes = plt.subplots(len(tiles), columns, figsize=(3.3 * columns, 3.5 * len(tiles)), squeeze=False)
@@ -149,11 +152,6 @@ def diagnose_weights(config_files: Sequence[str], overrides: Mapping[str, Any], 
     (all, per dataset) and merged share with ``params`` at each of ``sweep_thresholds`` as the boundary threshold:
     a boundary that is there but too faint for ``params`` would show as AJI rising at lower thresholds."""
     from monai.bundle import ConfigParser
-
-    from bundle.data.io import read_image
-    from bundle.model.weights import load_weights
-    from bundle.evaluation.instance import aji
-    from bundle.research.recipe import predict_validation
 
     parser = ConfigParser()
     parser.read_config(list(config_files))
