@@ -25,8 +25,8 @@ from scipy import ndimage as ndi
 from skimage.color import rgb2gray, rgb2lab
 from skimage.segmentation import find_boundaries
 
-from bundle.data.channels import input_channels
 from bundle.core.errors import DataError
+from bundle.data.channels import input_channels
 from bundle.data.io import read_image, read_label
 from bundle.data.transforms import (
     CleanMask,
@@ -42,11 +42,12 @@ from bundle.data.transforms import (
     lab_statistics,
     reinhard_reference,
 )
+from bundle.model.contract import value
 
 TNBC_ID = "01_1"
 MONUSEG_ID = "TCGA-18-5592-01Z-00-DX1"
 # TNBC reference of the report; any plausible H&E statistics work for the chain tests
-TNBC_REF = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
+TNBC_REF = value("reinhard_reference")  # the shipped weights' reference (configs/model.json)
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # a 256x256 resize with the modes of the chain's resize to the model scale
 RESIZE = Resized(["image", "label"], (256, 256), mode=["bicubic", "nearest-exact"], anti_aliasing=[True, False])
