@@ -26,7 +26,13 @@ import bundle_path  # noqa: F401  (the bundle root on sys.path)
 from bundle import bundle_root
 from bundle.core.cli import data_path
 from bundle.research.experiments import ABLATIONS, RESOLUTIONS, run_fold
-from bundle.research.launch import KFOLD, VARIANTS, device_name, schedule_tag, split_file_for
+from bundle.research.launch import (
+    KFOLD,
+    VARIANTS,
+    device_name,
+    schedule_tag,
+    split_file_for,
+)
 from bundle.research.tables import per_fold_table, summarise
 from bundle.research.transfer import run_transfer_row, transfer_table
 

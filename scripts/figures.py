@@ -32,9 +32,9 @@ from pathlib import Path
 from bundle_path import ROOT
 
 from bundle.core.files import write_text_atomic
+from bundle.model.contract import value
 from bundle.nuclei.watershed import WatershedParams
 from bundle.research.experiments import RESOLUTIONS
-from bundle.research.launch import VARIANTS
 from bundle.research.figures import (
     plot_curves,
     plot_metric_bars,
@@ -44,6 +44,7 @@ from bundle.research.figures import (
     qualitative_grid,
     training_curve_table,
 )
+from bundle.research.launch import VARIANTS
 from bundle.research.separation import diagnose_weights
 
 
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {"data_root": str(Path(args.data_root).resolve())}
         if args.instance_head:
             overrides["instance_head"] = args.instance_head
-        inference = json.loads((ROOT / "configs" / "inference.json").read_text())
-        watershed = dict(inference["watershed"])
+        watershed = value("watershed")
         if args.boundary_threshold is not None:
             watershed["boundary_threshold"] = args.boundary_threshold
         res = diagnose_weights(args.config_file, overrides, args.weights, WatershedParams.from_dict(watershed), args.out,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bundle_path import ROOT
 
+from bundle.model.contract import value
 from bundle.nuclei.watershed import WatershedParams
 from bundle.research.recipe import (
     PROBE_CONFIGS,
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "score":
         watershed = None
         if args.watershed == "inference":
-            inference = json.loads((ROOT / "configs" / "inference.json").read_text())
-            watershed = WatershedParams.from_dict(inference["watershed"])
+            watershed = WatershedParams.from_dict(value("watershed"))
         res = evaluate_run(args.config_file, {"data_root": str(Path(args.data_root).resolve())}, args.weights,
                            args.out, watershed)
         print(json.dumps({k: res[k] for k in ("watershed", "tuning", "overall", "instance_sets", "per_dataset")}, indent=2))

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from bundle_path import ROOT
 
-
 from bundle.core.files import write_text_atomic
-from bundle.model.weights import load_weights
 from bundle.data.scale import DEFAULT_PIXEL_SIZE
 from bundle.inference.chunks import SlidingWindowPredictor
 from bundle.inference.engine import load_segmenter
+from bundle.model.weights import load_weights
 from bundle.nuclei.watershed import WatershedParams
 from bundle.research.transfer import transfer_datalist
 from bundle.research.tuning import (

@@ -29,11 +29,12 @@ def test_quick_benchmark_reports_every_stage(tnbc_dir, monuseg_dir, tmp_path):
 
 def test_cost_suite_builds_the_shipped_network_from_inference_json():
     from bundle import bundle_root
+    from bundle.model.contract import read_contract
     from bundle.model.network import DSHFN
     from bundle.research.bench.cost import inference_network
 
     network, in_channels, model_pixel_size = inference_network([f"{bundle_root()}/configs/inference.json"])
-    config = json.loads((ROOT / "configs" / "inference.json").read_text())
+    config = read_contract()
     assert isinstance(network, DSHFN) and in_channels == 3 and model_pixel_size == config["model_pixel_size"]
     assert network.instance_head == config["instance_head"]
     other = "distance" if config["instance_head"] != "distance" else "hv"

@@ -76,9 +76,9 @@ def test_ckpt_export_torchscript_matches_eager(tmp_path):
     from bundle.model.network import DSHFN
 
     torch.manual_seed(0)
-    train = json.loads((CONFIGS / "train.json").read_text())
-    assert train["input_mode"] == "rgb" and train["upsample"] == "bilinear"  # the shipped recipe
-    net = DSHFN(in_channels=3, features=train["features"], upsample=train["upsample"])
+    contract = json.loads((CONFIGS / "model.json").read_text())
+    assert contract["input_mode"] == "rgb" and contract["upsample"] == "bilinear"  # the shipped recipe
+    net = DSHFN(in_channels=3, features=contract["features"], upsample=contract["upsample"])
     ckpt = tmp_path / "model.pt"
     torch.save(net.state_dict(), ckpt)
     ts = tmp_path / "model.ts"
@@ -99,7 +99,7 @@ def test_bundle_zip_download_load_from_another_project(tmp_path):
     zpath = build_bundle_zip(ROOT, tmp_path / "dist" / f"{BUNDLE_NAME}.zip")
     names = zipfile.ZipFile(zpath).namelist()
     assert f"{BUNDLE_NAME}/configs/metadata.json" in names and f"{BUNDLE_NAME}/bundle/model/network.py" in names
-    assert not any("/tests/" in n or "__pycache__" in n or "checkpoint" in n for n in names)
+    assert not any("/tests/" in n or "__pycache__" in n or n.endswith("checkpoint.pt") for n in names)
     # weights for the test: the repo may not ship a trained model.pt yet
     from bundle.model.network import DSHFN
 

@@ -14,12 +14,12 @@ from monai.data import MetaTensor
 from monai.handlers import MeanDice
 
 from bundle.data.scale import MODEL_PIXEL_SIZE, ToModelScaled, scale_factor
-from bundle.handlers.tables import MetricsTableWriter
 from bundle.evaluation.pixel import (
     HausdorffHandler,
     PixelPrecisionHandler,
     PixelRecallHandler,
 )
+from bundle.handlers.tables import MetricsTableWriter
 from bundle.inference.writers import probability_to_uint8
 from bundle.nuclei.binarize import BinarizeChannel, BinarizeChanneld
 
@@ -52,8 +52,7 @@ def test_scale_contract_and_exact_inverse():
 
 def test_function_default_scale_is_the_shipped_configs():
     """A Python user who leaves model_pixel_size out gets the scale the shipped weights were trained at."""
-    for name in ("train.json", "inference.json"):
-        assert json.loads((ROOT / "configs" / name).read_text())["model_pixel_size"] == MODEL_PIXEL_SIZE
+    assert json.loads((ROOT / "configs" / "model.json").read_text())["model_pixel_size"] == MODEL_PIXEL_SIZE
     assert scale_factor(MODEL_PIXEL_SIZE) == 1.0
 
 

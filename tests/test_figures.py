@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bundle.research.figures import plot_curves, plot_metric_bars, plot_training_curve, qualitative_grid
+from bundle.research.figures import (
+    plot_curves,
+    plot_metric_bars,
+    plot_training_curve,
+    qualitative_grid,
+)
 
 
 def test_qualitative_grid_places_every_panel(tmp_path):

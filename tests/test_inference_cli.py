@@ -20,8 +20,8 @@ from PIL import Image
 
 from bundle.core.errors import DataError
 from bundle.data.io import read_image
-from bundle.model.weights import load_weights
 from bundle.model.network import DSHFN
+from bundle.model.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}

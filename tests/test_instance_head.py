@@ -10,16 +10,25 @@ from monai.apps.pathology.transforms.post.array import HoVerNetInstanceMapPostPr
 from monai.transforms import ComputeHoVerMaps
 from scipy import ndimage
 
-from bundle.data.instance_targets import INSTANCE_TARGETS, TARGET_CHANNELS, instance_distance_map, instance_target
 from bundle.core.errors import DataError
+from bundle.data.instance_targets import (
+    INSTANCE_TARGETS,
+    TARGET_CHANNELS,
+    instance_distance_map,
+    instance_target,
+)
 from bundle.data.transforms import NucleiTargetsd
-from bundle.model.warm_start import warm_start
 from bundle.evaluation.instance import aji
 from bundle.model.instance import INSTANCE_CHANNELS, INSTANCE_HEADS, hv_separation
 from bundle.model.losses import DSHFNLoss, InstanceMapLoss
 from bundle.model.network import DSHFN
+from bundle.model.warm_start import warm_start
 from bundle.nuclei.binarize import BOUNDARY, SEPARATION, watershed_channel
-from bundle.nuclei.watershed import WatershedParams, instances_from_maps, instances_from_output
+from bundle.nuclei.watershed import (
+    WatershedParams,
+    instances_from_maps,
+    instances_from_output,
+)
 from bundle.research.separation import diagnose_tile, touching_pairs
 
 

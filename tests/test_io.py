@@ -11,7 +11,13 @@ from PIL import Image
 
 from bundle.core.errors import DataError
 from bundle.core.files import write_png_atomic, write_text_atomic
-from bundle.data.io import image_size, label_kind, read_image, read_label, read_label_and_kind
+from bundle.data.io import (
+    image_size,
+    label_kind,
+    read_image,
+    read_label,
+    read_label_and_kind,
+)
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)

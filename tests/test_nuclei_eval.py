@@ -12,8 +12,13 @@ import torch
 from monai.transforms import SpatialPad
 
 from bundle.data.scale import ToModelScaled, model_shape, scale_factor
-from bundle.handlers.instance_eval import InstanceMetricsHandler, native_nuclei, nuclei_scores, unpad
 from bundle.evaluation.instance import instance_metrics
+from bundle.handlers.instance_eval import (
+    InstanceMetricsHandler,
+    native_nuclei,
+    nuclei_scores,
+    unpad,
+)
 from bundle.nuclei.watershed import WatershedParams
 
 

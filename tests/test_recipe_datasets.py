@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from bundle.core.errors import DataError
+from bundle.core.files import write_png_atomic
 from bundle.data.datasets import (
     crop_indices,
     datasets_datalist,
     load_or_create_recipe_split,
     make_recipe_split,
 )
-from bundle.core.errors import DataError
-from bundle.core.files import write_png_atomic
 from bundle.data.layout import make_splits, validate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -143,7 +143,7 @@ def test_evaluate_merged_after_train_writes_tables(trained):
     from bundle.nuclei.watershed import WatershedParams
     from bundle.research.recipe import evaluate_run
 
-    shipped = json.loads((ROOT / "configs" / "inference.json").read_text())["watershed"]
+    shipped = json.loads((ROOT / "configs" / "model.json").read_text())["watershed"]
     overrides = dict(zip((a.lstrip("-") for a in trained["args"][::2]), trained["args"][1::2]))
     recipe = {r["id"]: r for r in evaluate_run([str(ROOT / "configs" / "train.json")], overrides,
                                                 out / "models" / "model.pt",

@@ -28,8 +28,8 @@ from typing import Any
 from bundle.core.errors import DataError
 from bundle.core.files import write_text_atomic
 from bundle.data.io import image_size
-from bundle.data.scale import check_pixel_size
 from bundle.data.layout import make_splits, meta_hash, validate_dataset
+from bundle.data.scale import check_pixel_size
 
 __all__ = ["SPLIT_KIND", "resolve_datasets", "make_recipe_split", "load_or_create_recipe_split", "datasets_datalist",
            "crop_indices", "with_pixel_size"]

@@ -23,8 +23,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from bundle.core.cli import read_flags
-from bundle.data.scale import model_shape, scale_factor
 from bundle.core.distributed import gather_objects
+from bundle.data.scale import model_shape, scale_factor
 from bundle.evaluation.instance import instance_metrics
 from bundle.evaluation.pixel import BoundaryF1Metric, HausdorffMetric
 from bundle.nuclei.watershed import (

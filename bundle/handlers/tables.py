@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from bundle.core.distributed import gather_objects, is_rank0
 from bundle.core.files import write_text_atomic
 from bundle.data.io import tile_id
-from bundle.core.distributed import gather_objects, is_rank0
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.layers.convutils import gaussian_1d
 from scipy import ndimage, sparse
 
-from bundle.data.channels import rgb_to_input
 from bundle.core.errors import DataError
+from bundle.data.channels import rgb_to_input
 from bundle.inference.colour import (
     ImageStats,
     is_background,

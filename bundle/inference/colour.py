@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bundle.data.channels import rgb_to_input
 from bundle.core.errors import DataError
+from bundle.data.channels import rgb_to_input
 from bundle.data.transforms import LUMA_WEIGHTS
 from bundle.inference.sources import RegionSource
 

@@ -22,17 +22,17 @@ from monai.data import partition_dataset
 from monai.inferers import SlidingWindowInferer
 
 from bundle.core.cli import as_flag, read_flags
+from bundle.core.distributed import gather_objects, rank_and_size
 from bundle.core.errors import DataError
 from bundle.core.files import write_text_atomic
 from bundle.data.io import tile_id
-from bundle.model.weights import load_weights
 from bundle.data.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE, check_pixel_size
-from bundle.core.distributed import gather_objects, rank_and_size
 from bundle.inference.chunks import SlidingWindowPredictor, default_inferer
 from bundle.inference.files import output_files, tiles_for_run
 from bundle.inference.pipeline import peak_rss_mib, segment_image
 from bundle.inference.slide import is_slide, open_source, segment_slide
 from bundle.inference.writers import OUTPUT_FORMATS, TileOutputs
+from bundle.model.weights import load_weights
 from bundle.nuclei.watershed import WatershedParams
 
 logger = logging.getLogger(__name__)

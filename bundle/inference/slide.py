@@ -30,7 +30,13 @@ from monai.utils import OptionalImportError
 
 from bundle.core.errors import DataError
 from bundle.core.files import write_text_atomic
-from bundle.data.io import TIFF_SUFFIXES, check_single_frame, read_image, tile_id, to_rgb
+from bundle.data.io import (
+    TIFF_SUFFIXES,
+    check_single_frame,
+    read_image,
+    tile_id,
+    to_rgb,
+)
 from bundle.data.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE
 from bundle.inference.pipeline import peak_rss_mib, segment_image
 from bundle.inference.sources import ArraySource, RegionSource

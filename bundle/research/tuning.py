@@ -18,11 +18,15 @@ import numpy as np
 
 from bundle.data.io import read_image, read_label
 from bundle.data.scale import scale_factor
+from bundle.evaluation.instance import aji, aji_plus, panoptic_quality
 from bundle.inference.chunks import maps_to_native, model_size, predict_chunks
 from bundle.inference.colour import image_statistics
 from bundle.inference.sources import ArraySource
-from bundle.evaluation.instance import aji, aji_plus, panoptic_quality
-from bundle.nuclei.watershed import WatershedParams, instances_from_maps, upsample_labels
+from bundle.nuclei.watershed import (
+    WatershedParams,
+    instances_from_maps,
+    upsample_labels,
+)
 
 __all__ = ["DEFAULT_GRID", "score_watershed", "tune_watershed", "THRESHOLD_GRID", "SIZE_GRID", "model_scale_maps", "validation_items", "native_items", "scaled_grid",
            "tune_in_stages"]
