@@ -121,3 +121,35 @@ def test_one_edit_of_the_contract_changes_training_evaluation_and_inference(tmp_
     assert got["train_scale"] == got["eval_scale"] == got["infer_scale"] == 0.5
     assert got["train_means"] == got["infer_means"] == [70.0, 10.0, -5.0]
     assert got["eval_min_size"] == got["infer_min_size"] == 20
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_fronts_score_with_the_contract_watershed(monkeypatch, tmp_path):
+    """scripts/recipe.py score and scripts/figures.py separation hand the contract's watershed to the library."""
+    from bundle.nuclei.watershed import WatershedParams
+
+    shipped = WatershedParams.from_dict(value("watershed"))
+    recipe, got = _load_script("recipe"), {}
+    monkeypatch.setattr(recipe, "evaluate_run", lambda *a: got.setdefault("watershed", a[4]) and {
+        k: {} for k in ("watershed", "tuning", "overall", "instance_sets", "per_dataset")})
+    assert recipe.main(["score", "--weights", "w.pt", "--data_root", str(tmp_path)]) == 0
+    assert got["watershed"] == shipped
+    figures, seen = _load_script("figures"), {}
+
+    def diagnose(config_files, overrides, weights, params, *rest, **kw):
+        seen["params"] = params
+        raise SystemExit(0)
+
+    monkeypatch.setattr(figures, "diagnose_weights", diagnose)
+    with pytest.raises(SystemExit):
+        figures.main(["separation", "--data_root", str(tmp_path), "--weights", "w.pt", "--boundary_threshold", "0.2",
+                      "--out", str(tmp_path / "f.png")])
+    assert seen["params"] == WatershedParams.from_dict({**value("watershed"), "boundary_threshold": 0.2})
