@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -184,12 +184,16 @@ def image_statistics(
     block: int = 2048,
     tissue_only: bool = False,
     input_mode: str = "gray",
+    resize: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ImageStats:
     """:class:`ImageStats` of ``source`` from a regular subsample of at most ``max_pixels`` pixels (every pixel
     of images up to 2048 x 2048; every ``k``-th row and column of larger ones), read block by block.
 
     ``tissue_only`` leaves out glass (:func:`is_background`), for slides: the reference statistics come from
     tissue tiles, and a slide's background would otherwise dominate the mean. ``reference=None``: no Reinhard.
+    ``resize`` (an (H, W) plane -> the plane at model scale): when every pixel was read, the input moments are those
+    of the resized planes, as training's ``NormalizeIntensityd`` takes them after ``ToModelScaled`` (an
+    anti-aliased downsample lowers the spread); otherwise, and for subsampled images, those at the native scale.
     """
     h, w = source.shape
     step = max(1, math.ceil(math.sqrt(h * w / max_pixels)))
@@ -206,14 +210,20 @@ def image_statistics(
     mean, std = np.array([_plane_moments(p) for p in lab]).T
     # one block read whole: the samples are the image in raster order, so the chunk pass can reuse the gray
     whole = step == 1 and not tissue_only and h <= block and w <= block
+    scaled = resize if whole else None
     if input_mode == "gray":
         gray = reinhard_gray(rgb, mean, std, reference, lab=lab)
         del lab
-        g_mean, g_std = _plane_moments(np.clip(gray / np.float32(255.0), 0.0, 1.0))
+        plane = gray if scaled is None else scaled(gray.reshape(h, w))
+        g_mean, g_std = _plane_moments(np.clip(plane / np.float32(255.0), 0.0, 1.0))
         return ImageStats(tuple(mean.tolist()), tuple(std.tolist()), (g_mean,), (g_std,), "gray",
                           gray.reshape(h, w) if whole else None)
-    planes = rgb_to_input(reinhard_rgb(rgb, mean, std, reference, lab=lab), input_mode)
+    norm = reinhard_rgb(rgb, mean, std, reference, lab=lab)
     del lab
+    if scaled is not None:  # the order of the chunk pass: Reinhard, resize, then the input conversion
+        norm = norm.reshape(h, w, 3)
+        norm = np.stack([scaled(np.ascontiguousarray(norm[..., c])) for c in range(3)], axis=-1).reshape(-1, 3)
+    planes = rgb_to_input(norm, input_mode)
     moments = [_plane_moments(np.ascontiguousarray(planes[:, c])) for c in range(planes.shape[1])]
     return ImageStats(tuple(mean.tolist()), tuple(std.tolist()), tuple(m for m, _ in moments),
                       tuple(s for _, s in moments), input_mode)

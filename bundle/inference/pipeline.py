@@ -14,7 +14,7 @@ import numpy as np
 
 from bundle.data.scale import MODEL_PIXEL_SIZE, scale_factor
 from bundle.inference.blocks import segment_blocks
-from bundle.inference.chunks import chunk_grid, model_size, predict_chunks
+from bundle.inference.chunks import chunk_grid, model_size, predict_chunks, to_model_scale
 from bundle.inference.colour import ImageStats, image_statistics
 from bundle.inference.sources import RegionSource
 from bundle.nuclei.watershed import WatershedParams
@@ -74,7 +74,11 @@ def segment_image(
     h, w = source.shape
     model_shape = (model_size(h, factor), model_size(w, factor))
     if stats is None:
-        stats = image_statistics(source, reference, tissue_only=tissue_only, input_mode=input_mode)
+        resize = None
+        if model_shape != (h, w):  # the input moments at model scale, where training standardises
+            def resize(plane: np.ndarray) -> np.ndarray:
+                return to_model_scale(plane, (0, h), (0, w), (0, model_shape[0]), (0, model_shape[1]), (h, w), model_shape)
+        stats = image_statistics(source, reference, tissue_only=tissue_only, input_mode=input_mode, resize=resize)
     summary = {"nuclei": 0, "chunks": 0, "skipped_chunks": 0, "blocks": 0, "truncated": 0}
     chunks = predict_chunks(source, predictor, stats, reference, factor, chunk, halo, roi, stride, tissue_only)
     if progress:
