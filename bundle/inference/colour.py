@@ -48,8 +48,14 @@ def _lab_f(t: np.ndarray) -> np.ndarray:
     return out
 
 
-def _lab_planes(rgb: np.ndarray) -> list[np.ndarray]:
-    """L*, a*, b* planes (float32, each of the image's shape without the channel axis) of (..., 3) RGB."""
+def lab_planes(rgb: np.ndarray) -> list[np.ndarray]:
+    """L*, a*, b* planes (float32, each of the image's shape without the channel axis) of (..., 3) RGB 0..255:
+    ``skimage.color.rgb2lab(rgb / 255)``.
+
+    The same formulas as scikit-image (sRGB gamma, its XYZ matrix, D65 white, cube root with the linear toe), in
+    float32 on channel planes: ~10x faster, within 2e-3 of skimage's float64 (tests/test_tiling.py). Written here
+    because Reinhard on every chunk of a slide made skimage's L*a*b* the largest cost after the network.
+    """
     rgb = np.asarray(rgb)
     if rgb.dtype == np.uint8:  # exact 8-bit -> linear-light lookup
         planes = [np.take(_LINEAR_LUT_F32, rgb[..., c]) for c in range(3)]  # np.take: 2x faster than indexing
@@ -66,18 +72,9 @@ def _lab_planes(rgb: np.ndarray) -> list[np.ndarray]:
     return [light, fx, fy]
 
 
-def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) RGB 0..255 (uint8 or float) -> (..., 3) float32 L*a*b*: ``skimage.color.rgb2lab(rgb / 255)``.
-
-    The same formulas as scikit-image (sRGB gamma, its XYZ matrix, D65 white, cube root with the linear
-    toe), in float32 on channel planes: ~10x faster, within 1e-3 of skimage's float64. Written here because
-    Reinhard on every chunk of a slide made skimage's L*a*b* the largest cost after the network.
-    """
-    return np.stack(_lab_planes(rgb), axis=-1).astype(np.float32, copy=False)
-
-
-def _rgb_planes(lab: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """R, G, B planes (float32, 0..255) of L*a*b* planes (the formulas of :func:`lab_to_rgb`)."""
+def rgb_planes(lab: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """R, G, B planes (float32, 0..255) of L*a*b* planes: ``skimage.color.lab2rgb(lab) * 255`` (z < 0 set to 0,
+    out-of-gamut values clipped, as skimage does), in float32 for the reason of :func:`lab_planes`."""
     fy = (lab[0] + np.float32(16.0)) / np.float32(116.0)
     f = [lab[1] / np.float32(500.0) + fy, fy, np.maximum(fy - lab[2] / np.float32(200.0), np.float32(0.0))]
     xyz = []
@@ -94,13 +91,6 @@ def _rgb_planes(lab: Sequence[np.ndarray]) -> list[np.ndarray]:
         gamma *= np.float32(255.0)
         out.append(np.clip(gamma, 0.0, 255.0, out=gamma))
     return out
-
-
-def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """(..., 3) L*a*b* -> (..., 3) float32 RGB in [0, 255]: ``skimage.color.lab2rgb(lab) * 255`` (z < 0 set to 0,
-    out-of-gamut values clipped, as skimage does)."""
-    lab = np.asarray(lab, np.float32)
-    return np.stack(_rgb_planes([lab[..., 0], lab[..., 1], lab[..., 2]]), axis=-1).astype(np.float32, copy=False)
 
 
 def _rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
@@ -142,7 +132,7 @@ def reinhard_rgb(
     """(..., 3) RGB -> (..., 3) float32 RGB 0..255 of the Reinhard-normalised image (the formula of
     :class:`bundle.data.transforms.ReinhardNormalize` with FIXED source statistics), ``block`` pixels at a time so the
     float temporaries stay small and cache-resident; ``gray=True`` returns the BT.601 gray (...) instead (one
-    plane kept, not three). ``lab``: the image's flattened L*, a*, b* planes (:func:`rgb_to_lab`), when already
+    plane kept, not three). ``lab``: the image's flattened L*, a*, b* planes (:func:`lab_planes`), when already
     known. ``reference=None``: no normalisation (the RGB, or its gray, as float32)."""
     shape = np.shape(rgb)[:-1]
     flat = np.asarray(rgb).reshape(-1, 3)
@@ -152,8 +142,8 @@ def reinhard_rgb(
     mean, gain, ref_mean = _reinhard_terms(stats_mean, stats_std, reference)
     out = np.empty(len(flat) if gray else (len(flat), 3), np.float32)
     for i in range(0, len(flat), block):
-        part = _lab_planes(flat[i : i + block]) if lab is None else [p[i : i + block] for p in lab]
-        planes = np.stack(_rgb_planes([(p - mean[c]) * gain[c] + ref_mean[c] for c, p in enumerate(part)]), axis=-1)
+        part = lab_planes(flat[i : i + block]) if lab is None else [p[i : i + block] for p in lab]
+        planes = np.stack(rgb_planes([(p - mean[c]) * gain[c] + ref_mean[c] for c, p in enumerate(part)]), axis=-1)
         out[i : i + block] = _rgb_to_gray(planes) if gray else planes
     return out.reshape(shape if gray else (*shape, 3))
 
@@ -206,7 +196,7 @@ def image_statistics(
     rgb = np.concatenate(samples)
     if len(rgb) == 0:
         raise DataError(f"{source.path}: no tissue found (every pixel is bright glass); nothing to segment")
-    lab = _lab_planes(rgb)
+    lab = lab_planes(rgb)
     mean, std = np.array([_plane_moments(p) for p in lab]).T
     # one block read whole: the samples are the image in raster order, so the chunk pass can reuse the gray
     whole = step == 1 and not tissue_only and h <= block and w <= block
