@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -38,6 +39,7 @@ from bundle.inference.colour import (
     reinhard_rgb,
 )
 from bundle.inference.sources import RegionSource
+from bundle.inference.timing import active_timer, stage
 from bundle.nuclei.binarize import REGION, watershed_channel
 
 logger = logging.getLogger(__name__)
@@ -240,9 +242,32 @@ class SlidingWindowPredictor:
         if py or px:
             x = np.pad(x, [(0, 0), (py // 2, py - py // 2), (px // 2, px - px // 2)], mode="symmetric")
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[None].to(self.device)
+        timer = active_timer()
+        network = self.network if timer is None else _TimedNetwork(self.network, timer)
+        w0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
-            out = self.inferer(t, self.network)
-        return out[0, :, py // 2 : py // 2 + h, px // 2 : px // 2 + w].float().cpu().numpy()
+            out = self.inferer(t, network)
+        out = out[0, :, py // 2 : py // 2 + h, px // 2 : px // 2 + w].float().cpu().numpy()
+        if timer is not None:  # the inferer's own work (windows, Gaussian weights, accumulation) = all but the forwards
+            timer.add("blending", time.perf_counter() - w0 - network.wall, time.process_time() - c0 - network.cpu)
+        return out
+
+
+class _TimedNetwork:
+    """The network as the inferer calls it, its forward passes added to a :class:`StageTimer` as ``network``."""
+
+    def __init__(self, network: torch.nn.Module, timer) -> None:
+        self.network, self.timer, self.wall, self.cpu = network, timer, 0.0, 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = self.network(x)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        w, c = time.perf_counter() - w0, time.process_time() - c0
+        self.wall, self.cpu = self.wall + w, self.cpu + c
+        self.timer.add("network", w, c)
+        return out
 
 
 @dataclass
@@ -269,17 +294,22 @@ def network_input(
         if stats.gray is not None and stats.gray.shape == (h, w):
             gray = stats.gray[gy.native_read[0] : gy.native_read[1], gx.native_read[0] : gx.native_read[1]]
         else:
-            gray = reinhard_gray(rgb, stats.lab_mean, stats.lab_std, reference)
-        x = to_model_scale(gray, gy.native_read, gx.native_read, gy.net, gx.net, native_shape, model_shape)
-        planes = np.clip(x / np.float32(255.0), 0.0, 1.0)[None]
+            with stage("reinhard"):
+                gray = reinhard_gray(rgb, stats.lab_mean, stats.lab_std, reference)
+        with stage("resample"):
+            x = to_model_scale(gray, gy.native_read, gx.native_read, gy.net, gx.net, native_shape, model_shape)
+            planes = np.clip(x / np.float32(255.0), 0.0, 1.0)[None]
     else:
-        norm = reinhard_rgb(rgb, stats.lab_mean, stats.lab_std, reference)
-        scaled = np.stack([to_model_scale(np.ascontiguousarray(norm[..., c]), gy.native_read, gx.native_read, gy.net,
-                                          gx.net, native_shape, model_shape) for c in range(3)], axis=-1)
-        planes = np.moveaxis(rgb_to_input(scaled, stats.input_mode), -1, 0)
-    mean = np.asarray(stats.input_mean, np.float32)[:, None, None]
-    std = np.maximum(np.asarray(stats.input_std, np.float32), 1e-8)[:, None, None]
-    return np.ascontiguousarray((planes - mean) / std, dtype=np.float32)
+        with stage("reinhard"):
+            norm = reinhard_rgb(rgb, stats.lab_mean, stats.lab_std, reference)
+        with stage("resample"):
+            scaled = np.stack([to_model_scale(np.ascontiguousarray(norm[..., c]), gy.native_read, gx.native_read,
+                                              gy.net, gx.net, native_shape, model_shape) for c in range(3)], axis=-1)
+            planes = np.moveaxis(rgb_to_input(scaled, stats.input_mode), -1, 0)
+    with stage("resample"):
+        mean = np.asarray(stats.input_mean, np.float32)[:, None, None]
+        std = np.maximum(np.asarray(stats.input_std, np.float32), 1e-8)[:, None, None]
+        return np.ascontiguousarray((planes - mean) / std, dtype=np.float32)
 
 
 def predict_chunks(
@@ -307,7 +337,8 @@ def predict_chunks(
     xs = chunk_grid(w, wm, chunk, halo, roi, stride, _blur_radius(w, wm))
     for gy in ys:
         for gx in xs:
-            rgb = np.asarray(source.read(*gy.native_read, *gx.native_read))
+            with stage("read"):
+                rgb = np.asarray(source.read(*gy.native_read, *gx.native_read))
             expect = (gy.native_read[1] - gy.native_read[0], gx.native_read[1] - gx.native_read[0], 3)
             if rgb.shape != expect or rgb.dtype != np.uint8:
                 raise DataError(f"{source.path}: region read gave {rgb.dtype} {rgb.shape}, expected uint8 {expect}")
@@ -315,7 +346,9 @@ def predict_chunks(
             if skip_background:
                 cy = slice(gy.native_core[0] - gy.native_read[0], gy.native_core[1] - gy.native_read[0])
                 cx = slice(gx.native_core[0] - gx.native_read[0], gx.native_core[1] - gx.native_read[0])
-                if is_background(rgb[cy, cx]).all():
+                with stage("glass test"):
+                    glass = is_background(rgb[cy, cx]).all()
+                if glass:
                     zero = np.zeros(shape, np.float32)
                     yield ChunkMaps(gy, gx, zero, zero, rgb, skipped=True)
                     continue
@@ -323,11 +356,12 @@ def predict_chunks(
             maps = predictor(x)
             if maps.ndim != 3 or maps.shape[1:] != x.shape[1:]:
                 raise ValueError(f"predictor returned shape {maps.shape} for an input of {x.shape}; expected (C, h, w)")
-            ey = slice(gy.exact[0] - gy.net[0], gy.exact[1] - gy.net[0])
-            ex = slice(gx.exact[0] - gx.net[0], gx.exact[1] - gx.net[0])
-            region = np.ascontiguousarray(maps[REGION, ey, ex], np.float32)
-            channel = watershed_channel(maps.shape[0])
-            boundary = np.zeros_like(region) if channel is None else np.ascontiguousarray(maps[channel, ey, ex], np.float32)
+            with stage("blending"):  # the exact crop of the blended maps
+                ey = slice(gy.exact[0] - gy.net[0], gy.exact[1] - gy.net[0])
+                ex = slice(gx.exact[0] - gx.net[0], gx.exact[1] - gx.net[0])
+                region = np.ascontiguousarray(maps[REGION, ey, ex], np.float32)
+                channel = watershed_channel(maps.shape[0])
+                boundary = np.zeros_like(region) if channel is None else np.ascontiguousarray(maps[channel, ey, ex], np.float32)
             del maps, x
             yield ChunkMaps(gy, gx, region, boundary, rgb)
             del rgb, region, boundary  # not alive while the next chunk is read and predicted

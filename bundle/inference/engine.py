@@ -29,6 +29,7 @@ from bundle.inference.chunks import SlidingWindowPredictor, default_inferer
 from bundle.inference.files import output_files, tiles_for_run
 from bundle.inference.pipeline import peak_rss_mib, segment_image
 from bundle.inference.slide import is_slide, open_source, segment_slide
+from bundle.inference.timing import stage
 from bundle.inference.writers import OUTPUT_FORMATS, TileOutputs
 from bundle.nuclei.watershed import WatershedParams
 
@@ -222,7 +223,8 @@ class NucleiSegmenter:
                                  pixel_size=self.pixel_size, model_pixel_size=self.model_pixel_size,
                                  params=self.watershed, formats=self.formats_of(path), progress=self._chunk_bars,
                                  **chunking)
-        source = open_source(path)
+        with stage("read"):
+            source = open_source(path)
         stem = tile_id(path)
         pixel_size = DEFAULT_PIXEL_SIZE if self.pixel_size is None else self.pixel_size
         sink = TileOutputs(output_dir, stem, source.shape, self.formats, threshold=self.threshold)

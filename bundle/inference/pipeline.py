@@ -17,6 +17,7 @@ from bundle.inference.blocks import segment_blocks
 from bundle.inference.chunks import chunk_grid, model_size, predict_chunks
 from bundle.inference.colour import ImageStats, image_statistics
 from bundle.inference.sources import RegionSource
+from bundle.inference.timing import stage
 from bundle.nuclei.watershed import WatershedParams
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def segment_image(
     h, w = source.shape
     model_shape = (model_size(h, factor), model_size(w, factor))
     if stats is None:
-        stats = image_statistics(source, reference, tissue_only=tissue_only, input_mode=input_mode)
+        with stage("colour statistics"):
+            stats = image_statistics(source, reference, tissue_only=tissue_only, input_mode=input_mode)
     summary = {"nuclei": 0, "chunks": 0, "skipped_chunks": 0, "blocks": 0, "truncated": 0}
     chunks = predict_chunks(source, predictor, stats, reference, factor, chunk, halo, roi, stride, tissue_only)
     if progress:

@@ -16,6 +16,7 @@ from skimage.segmentation import find_boundaries
 from bundle.data.io import DataError, atomic_write, write_png_atomic
 from bundle.inference.blocks import NucleusBlock
 from bundle.inference.sources import RegionSource
+from bundle.inference.timing import stage
 from bundle.nuclei.exports import (
     FORMATS,
     instances_geojson,
@@ -87,23 +88,26 @@ class NucleusStream:
             return lut
         oy, ox = block.origin
         offset = (self.offset[0] + self.scale * ox, self.offset[1] + self.scale * oy)
-        table = nucleus_table(block.rgb, block.instances, block.region, block.boundary, offset, self.scale)
+        with stage("measurements"):
+            table = nucleus_table(block.rgb, block.instances, block.region, block.boundary, offset, self.scale)
         if "geojson" in self._files:
-            collection = instances_geojson(
-                block.instances, block.region, block.rgb, block.boundary, offset=offset, scale=self.scale,
-                tolerance=self.tolerance, tile_id=f"{self.stem}@{oy},{ox}", table=table,
-            )
-            f = self._files["geojson"]
-            for feature, gid in zip(collection["features"], lut[table["id"]].tolist()):
-                feature["properties"]["instance_id"] = gid
-                feature["properties"]["measurements"]["instance_id"] = gid
-                f.write(("" if self._first_feature else ",\n") + json.dumps(feature, separators=(",", ":"), allow_nan=False))
-                self._first_feature = False
+            with stage("geojson"):
+                collection = instances_geojson(
+                    block.instances, block.region, block.rgb, block.boundary, offset=offset, scale=self.scale,
+                    tolerance=self.tolerance, tile_id=f"{self.stem}@{oy},{ox}", table=table,
+                )
+                f = self._files["geojson"]
+                for feature, gid in zip(collection["features"], lut[table["id"]].tolist()):
+                    feature["properties"]["instance_id"] = gid
+                    feature["properties"]["measurements"]["instance_id"] = gid
+                    f.write(("" if self._first_feature else ",\n") + json.dumps(feature, separators=(",", ":"), allow_nan=False))
+                    self._first_feature = False
         if "csv" in self._files:
-            table["id"] = lut[table["id"]]
-            text = table_csv(table)
-            self._files["csv"].write(text if self._header else text.split("\n", 1)[1])
-            self._header = False
+            with stage("csv"):
+                table["id"] = lut[table["id"]]
+                text = table_csv(table)
+                self._files["csv"].write(text if self._header else text.split("\n", 1)[1])
+                self._header = False
         self.count += n
         return lut
 
@@ -172,6 +176,10 @@ class TileOutputs:
 
     def add(self, block: NucleusBlock) -> None:
         lut = self.stream.add(block)
+        with stage("label map"):
+            self._add_labels(block, lut)
+
+    def _add_labels(self, block: NucleusBlock, lut: np.ndarray) -> None:
         oy, ox = block.origin
         h, w = block.instances.shape
         if self.maps is not None:  # block windows overlap by their halo, where both hold the same chunk maps
@@ -193,27 +201,33 @@ class TileOutputs:
         """Write the label map and overlay, then finish the streamed files; returns ``{format: path}``."""
         paths: dict[str, Path] = {}
         if self.maps is not None:
-            paths.update(self._write_maps())
+            with stage("maps"):
+                paths.update(self._write_maps())
         if self.labels is not None:
             small = self.labels.size <= PNG_MAX_PIXELS and self.labels.dtype == np.uint16
             if "png" in self.formats and small:
-                paths["png"] = write_instance_map(self.out_dir / f"{self.stem}_instances.png", self.labels)
+                with stage("png"):
+                    paths["png"] = write_instance_map(self.out_dir / f"{self.stem}_instances.png", self.labels)
             elif "png" in self.formats:
                 logger.info(f"{self.stem}: {self.labels.shape} px / {self.stream.count} nuclei: label map as tiled TIFF")
             if "tiff" in self.formats or ("png" in self.formats and "png" not in paths):
-                paths["tiff"] = _write_tiled_tiff(self.out_dir / f"{self.stem}_instances.tif", self._label_tiles(tile),
-                                                  self.labels.shape, self.labels.dtype, tile)
+                with stage("tiff"):
+                    paths["tiff"] = _write_tiled_tiff(self.out_dir / f"{self.stem}_instances.tif", self._label_tiles(tile),
+                                                      self.labels.shape, self.labels.dtype, tile)
             if "overlay" in self.formats and self.labels.size <= PNG_MAX_PIXELS:
-                paths["overlay"] = self.out_dir / f"{self.stem}_overlay.png"
-                overlay = np.empty((*self.labels.shape, 3), np.uint8)
-                for (y, x), part in self.overlay_blocks(source, 2048):
-                    overlay[y : y + part.shape[0], x : x + part.shape[1]] = part
-                write_png_atomic(paths["overlay"], overlay)
+                with stage("overlay"):
+                    paths["overlay"] = self.out_dir / f"{self.stem}_overlay.png"
+                    overlay = np.empty((*self.labels.shape, 3), np.uint8)
+                    for (y, x), part in self.overlay_blocks(source, 2048):
+                        overlay[y : y + part.shape[0], x : x + part.shape[1]] = part
+                    write_png_atomic(paths["overlay"], overlay)
             elif "overlay" in self.formats:
-                tiles = (np.pad(p, ((0, tile - p.shape[0]), (0, tile - p.shape[1]), (0, 0))) for _, p in self.overlay_blocks(source, tile))
-                paths["overlay"] = _write_tiled_tiff(self.out_dir / f"{self.stem}_overlay.tif", tiles,
-                                                     (*self.labels.shape, 3), np.uint8, tile)
-        paths.update(self.stream.close())
+                with stage("overlay"):
+                    tiles = (np.pad(p, ((0, tile - p.shape[0]), (0, tile - p.shape[1]), (0, 0))) for _, p in self.overlay_blocks(source, tile))
+                    paths["overlay"] = _write_tiled_tiff(self.out_dir / f"{self.stem}_overlay.tif", tiles,
+                                                         (*self.labels.shape, 3), np.uint8, tile)
+        with stage("geojson"):
+            paths.update(self.stream.close())
         return paths
 
     def _write_maps(self) -> dict[str, Path]:

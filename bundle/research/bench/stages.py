@@ -14,8 +14,14 @@ Inputs (built deterministically from ``../shared/data``, never committed; :func:
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,6 +95,105 @@ def build_inputs(out_dir: str | os.PathLike, data: Path | None = None) -> dict[s
     write_pyramid(paths["dense_tif"], dense)
     write_pyramid(paths["glass50"], glass_slide(dense))
     return paths
+
+
+
+
+#: what each input is run as: (folder name under the build folder, what the table calls it)
+INPUTS = {"dense": ("dense_png", "dense mm² (4000² PNG, tile outputs)"),
+          "dense_slide": ("dense_tif", "dense mm² as a slide (GeoJSON + CSV)"),
+          "glass50": ("glass50", "50 % glass slide (4000 x 8000, GeoJSON + CSV)")}
+
+
+def profile_run(input_dir: str | os.PathLike, output_dir: str | os.PathLike, threads: int | None = None,
+                config: str | os.PathLike | None = None, **overrides: Any) -> dict:
+    """Run ``configs/inference.json``'s engine on ``input_dir`` in this process with a :class:`StageTimer`;
+    returns ``{"stages": rows, "wall_s", "peak_rss_mib", "nuclei", "threads"}``."""
+    import torch
+
+    from bundle.inference.engine import load_segmenter
+    from bundle.inference.pipeline import peak_rss_mib
+    from bundle.inference.timing import StageTimer
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    segmenter = load_segmenter(str(config or ROOT / "configs" / "inference.json"), device="cpu", progress=False,
+                               skip_existing=False, **overrides)
+    segmenter.predictor()  # weights loaded outside the timed run, as for every image after the first
+    t0 = time.perf_counter()
+    with StageTimer() as timer:
+        result = segmenter.run(input_dir, output_dir)
+    wall = time.perf_counter() - t0
+    return {"stages": timer.table(), "wall_s": wall, "peak_rss_mib": peak_rss_mib(), "nuclei": result["nuclei"],
+            "threads": torch.get_num_threads()}
+
+
+def _fresh_process(input_dir: Path, output_dir: Path, threads: int, overrides: dict) -> dict:
+    """:func:`profile_run` in a new process with ``OMP_NUM_THREADS=threads`` (torch's pool is sized at start)."""
+    with tempfile.TemporaryDirectory(prefix="bench_stages_") as tmp:
+        out = Path(tmp) / "profile.json"
+        code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from bundle.research.bench.stages import profile_run;"
+                "r = profile_run(sys.argv[2], sys.argv[3], int(sys.argv[4]), **json.loads(sys.argv[6]));"
+                "open(sys.argv[5], 'w').write(json.dumps(r))")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        subprocess.run([sys.executable, "-c", code, str(ROOT), str(input_dir), str(output_dir), str(threads), str(out),
+                        json.dumps(overrides)], check=True, env=env, cwd=ROOT)
+        return json.loads(out.read_text())
+
+
+#: stage groups of the table, in pipeline order (stages not listed are appended)
+ORDER = ["read", "colour statistics", "glass test", "reinhard", "resample", "network", "blending", "maps to native",
+         "watershed", "measurements", "label map", "geojson", "csv", "png", "tiff", "overlay", "maps"]
+
+
+def stage_rows(profile: dict, label: str) -> list[dict]:
+    """The table rows of one profile: every stage (wall, CPU, x network) and the summary rows."""
+    stages = {r["stage"]: r for r in profile["stages"]}
+    net = stages.get("network", {"wall_s": float("nan")})["wall_s"]
+    names = [k for k in ORDER if k in stages] + [k for k in stages if k not in ORDER]
+    rows = [{"input": label, "threads": profile["threads"], "stage": k + (" (background thread)" if stages[k]["thread"] == "background" else ""),
+             "wall_s": stages[k]["wall_s"], "cpu_s": stages[k]["cpu_s"], "x_network": stages[k]["wall_s"] / net}
+            for k in names]
+    rest = sum(stages[k]["wall_s"] for k in names if k != "network" and stages[k]["thread"] == "main")
+    other = profile["wall_s"] - rest - net  # run set-up, summaries, the progress of the generator itself
+    rows += [
+        {"input": label, "threads": profile["threads"], "stage": "(untimed: run files, glue)", "wall_s": other,
+         "cpu_s": float("nan"), "x_network": other / net},
+        {"input": label, "threads": profile["threads"], "stage": "**non-network / network**", "wall_s": rest,
+         "cpu_s": float("nan"), "x_network": rest / net},
+        {"input": label, "threads": profile["threads"], "stage": "**run wall (network share)**", "wall_s": profile["wall_s"],
+         "cpu_s": float("nan"), "x_network": f"share {net / profile['wall_s']:.2f}; {profile['nuclei']} nuclei; "
+                                             f"peak RSS {profile['peak_rss_mib']:.0f} MiB"},
+    ]
+    return rows
+
+
+def run(args: Any) -> list[dict]:
+    """``scripts/benchmark.py --suite stages``: every input of ``--stage_inputs`` at every ``--threads``, each in a
+    fresh process. ``--quick``: a 1024 x 1024 crop of the mosaic, one thread (a smoke run)."""
+    build = Path(getattr(args, "build_dir", None) or ROOT / "runs" / "bench_stages")
+    threads = getattr(args, "threads", None) or [1, 2]
+    names = getattr(args, "stage_inputs", None) or list(INPUTS)
+    overrides = json.loads(getattr(args, "overrides", None) or "{}")
+    if getattr(args, "quick", False):
+        from bundle.data.io import write_png_atomic
+
+        quick = build / "quick"
+        quick.mkdir(parents=True, exist_ok=True)
+        if not (quick / "quick.png").is_file():
+            write_png_atomic(quick / "quick.png", dense_mosaic()[:1024, :1024])
+        inputs = {"quick": (quick, "1024² crop of the mosaic")}
+        threads = [1]
+    else:
+        paths = build_inputs(build)
+        inputs = {k: (paths[INPUTS[k][0]].parent, INPUTS[k][1]) for k in names}
+    rows = []
+    for n in threads:
+        for key, (folder, label) in inputs.items():
+            with tempfile.TemporaryDirectory(prefix="bench_stages_out_") as out:
+                profile = _fresh_process(folder, Path(out), int(n), overrides)
+            rows += stage_rows(profile, label)
+    return rows
 
 
 if __name__ == "__main__":
