@@ -124,6 +124,9 @@ class NucleiSegmenter:
         amp: autocast the network.
         resume: skip images whose outputs exist.
         progress: progress bars.
+        prefetch: run the next chunk's network pass on a background thread while the current chunk is
+            post-processed and written (:func:`bundle.inference.overlap.prefetch`); same outputs.
+        writer_thread: encode a tile's label map and overlay PNGs on a writer thread.
         input_dir, output_dir: what :meth:`run` segments when called without arguments (MONAI's workflow
             convention: ``$@evaluator.run()``).
     """
@@ -150,6 +153,8 @@ class NucleiSegmenter:
         amp: bool = False,
         resume: bool = True,
         progress: bool = True,
+        prefetch: bool = True,
+        writer_thread: bool = True,
         input_dir: str | os.PathLike | None = None,
         output_dir: str | os.PathLike | None = None,
     ) -> None:
@@ -172,6 +177,7 @@ class NucleiSegmenter:
         self.chunk, self.halo, self.post_chunk = int(chunk), int(halo), int(post_chunk)
         self.level, self.slide, self.amp = int(level), slide, as_flag(amp, "amp")
         self.resume, self.progress = as_flag(resume, "resume"), as_flag(progress, "progress")
+        self.prefetch, self.writer_thread = as_flag(prefetch, "prefetch"), as_flag(writer_thread, "writer_thread")
         self._predictor: SlidingWindowPredictor | None = None
         #: the option that gives ``ckpt`` on the front end in use (the messages name it)
         self.ckpt_option = "--ckpt_path"
@@ -217,7 +223,7 @@ class NucleiSegmenter:
     def segment_file(self, path: Path, output_dir: Path) -> dict[str, Any]:
         """One image: a slide (one GeoJSON / CSV in level-0 pixels) or a tile of any size; returns its summary."""
         chunking = {"chunk": self.chunk, "halo": self.halo, "roi": self.roi, "post_chunk": self.post_chunk,
-                    "post_scale": self.post_scale, "input_mode": self.input_mode}
+                    "post_scale": self.post_scale, "input_mode": self.input_mode, "prefetch": self.prefetch}
         if self.is_slide(path):
             return segment_slide(path, output_dir, self.predictor(), self.reference, level=self.level,
                                  pixel_size=self.pixel_size, model_pixel_size=self.model_pixel_size,
@@ -227,7 +233,8 @@ class NucleiSegmenter:
             source = open_source(path)
         stem = tile_id(path)
         pixel_size = DEFAULT_PIXEL_SIZE if self.pixel_size is None else self.pixel_size
-        sink = TileOutputs(output_dir, stem, source.shape, self.formats, threshold=self.threshold)
+        sink = TileOutputs(output_dir, stem, source.shape, self.formats, threshold=self.threshold,
+                           writer_thread=self.writer_thread)
         try:
             summary = segment_image(source, self.predictor(), sink, self.reference, pixel_size, self.model_pixel_size,
                                     self.watershed, progress=self._chunk_bars, **chunking)
