@@ -147,3 +147,35 @@ def test_engine_stage_table_covers_the_run(stub_config, tmp_path):  # noqa: F811
         assert rows[name]["calls"] >= 1 and rows[name]["wall_s"] >= 0, name
     main = sum(r["wall_s"] for r in rows.values() if r["thread"] == "main")
     assert main <= wall  # stages of the main thread never overlap
+
+
+# -- optional runtime: ONNX Runtime ----------------------------------------------------------------------------
+def test_onnx_runtime_is_off_by_word_and_matches_torch():
+    from bundle.model.network import DSHFN
+
+    for word in ("false", "no", "0", "off", False):
+        assert load_segmenter(str(ROOT / "configs" / "inference.json"), ckpt_path=None, onnx_runtime=word).onnx_runtime is False
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import torch
+
+    from bundle.inference.runtime import OnnxNetwork
+
+    torch.manual_seed(0)
+    network = DSHFN(in_channels=3, features=4, levels=2).eval()
+    from bundle.model.network import DeformableConv
+
+    blocks = [m for m in network.modules() if isinstance(m, DeformableConv)]
+    assert blocks
+    for m in blocks:  # non-zero offsets, so the deformable convolutions really sample off the grid
+        torch.nn.init.normal_(m.offset.weight, std=0.5)
+    x = torch.randn(3, 3, 64, 64)
+    onnx = OnnxNetwork(network, roi=64, threads=1)
+    with torch.no_grad():
+        want = network(x)
+    got = onnx(x)
+    assert got.shape == want.shape and float((got - want).abs().max()) < 1e-4
+    seg = load_segmenter(str(ROOT / "configs" / "inference.json"), ckpt_path=None, onnx_runtime="yes",
+                         features=4, network_def={"_target_": "bundle.model.network.DSHFN", "in_channels": 3,
+                                                  "features": 4, "levels": 2})
+    assert seg.onnx_runtime is True and isinstance(seg.predictor().network, OnnxNetwork)

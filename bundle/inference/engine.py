@@ -127,6 +127,8 @@ class NucleiSegmenter:
         prefetch: run the next chunk's network pass on a background thread while the current chunk is
             post-processed and written (:func:`bundle.inference.overlap.prefetch`); same outputs.
         writer_thread: encode a tile's label map and overlay PNGs on a writer thread.
+        onnx_runtime: run the network with ONNX Runtime on the CPU (:mod:`bundle.inference.runtime`; maps equal to
+            float rounding, not byte-identical).
         input_dir, output_dir: what :meth:`run` segments when called without arguments (MONAI's workflow
             convention: ``$@evaluator.run()``).
     """
@@ -155,6 +157,7 @@ class NucleiSegmenter:
         progress: bool = True,
         prefetch: bool = True,
         writer_thread: bool = True,
+        onnx_runtime: bool = False,
         input_dir: str | os.PathLike | None = None,
         output_dir: str | os.PathLike | None = None,
     ) -> None:
@@ -178,6 +181,7 @@ class NucleiSegmenter:
         self.level, self.slide, self.amp = int(level), slide, as_flag(amp, "amp")
         self.resume, self.progress = as_flag(resume, "resume"), as_flag(progress, "progress")
         self.prefetch, self.writer_thread = as_flag(prefetch, "prefetch"), as_flag(writer_thread, "writer_thread")
+        self.onnx_runtime = as_flag(onnx_runtime, "onnx_runtime")
         self._predictor: SlidingWindowPredictor | None = None
         #: the option that gives ``ckpt`` on the front end in use (the messages name it)
         self.ckpt_option = "--ckpt_path"
@@ -216,8 +220,12 @@ class NucleiSegmenter:
             if self.ckpt is not None:
                 load_weights(self.network, self.ckpt, self.device, option=self.ckpt_option)
             self.network.to(self.device)
-            self._predictor = SlidingWindowPredictor(self.network, device=self.device, amp=self.amp,
-                                                     inferer=self.inferer)
+            network = self.network
+            if self.onnx_runtime:
+                from bundle.inference.runtime import OnnxNetwork
+
+                network = OnnxNetwork(self.network.to("cpu").eval(), self.roi).to(self.device)
+            self._predictor = SlidingWindowPredictor(network, device=self.device, amp=self.amp, inferer=self.inferer)
         return self._predictor
 
     def segment_file(self, path: Path, output_dir: Path) -> dict[str, Any]:
