@@ -40,6 +40,7 @@ from bundle.inference.colour import (
 )
 from bundle.inference.sources import RegionSource
 from bundle.inference.timing import active_timer, stage
+from bundle.inference.windows import WindowCache
 from bundle.nuclei.binarize import REGION, watershed_channel
 
 logger = logging.getLogger(__name__)
@@ -214,10 +215,12 @@ class SlidingWindowPredictor:
         device: str | torch.device = "cpu",
         amp: bool = False,
         inferer: SlidingWindowInferer | None = None,
+        window_cache: int = 0,
     ) -> None:
         """``inferer``: a configured MONAI ``SlidingWindowInferer`` with square windows (its ``roi_size`` and
         ``overlap`` then replace the arguments); default: one from ``roi_size``/``sw_batch_size``/``overlap``
-        with Gaussian blending and reflect padding."""
+        with Gaussian blending and reflect padding. ``window_cache``: bytes of window outputs kept so that a window
+        shared by neighbouring chunks is predicted once (:class:`bundle.inference.windows.WindowCache`; 0: none)."""
         self.network = network.to(device).eval()
         self.device = torch.device(device)
         self.amp = amp
@@ -230,6 +233,12 @@ class SlidingWindowPredictor:
             raise ValueError(f"SlidingWindowPredictor needs square windows and one overlap, got roi_size={roi}, "
                              f"overlap={overlap}")
         self.inferer, self.roi_size, self.overlap = inferer, roi[0], overlap[0]
+        self.cache = WindowCache(None, window_cache) if window_cache > 0 else None
+
+    def clear_cache(self) -> None:
+        """Forget the stored windows (a new image)."""
+        if self.cache is not None:
+            self.cache.clear()
 
     @property
     def stride(self) -> int:
@@ -246,13 +255,15 @@ class SlidingWindowPredictor:
             x = np.pad(x, [(0, 0), (py // 2, py - py // 2), (px // 2, px - px // 2)], mode="symmetric")
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[None].to(self.device)
         timer = active_timer()
-        network = self.network if timer is None else _TimedNetwork(self.network, timer)
+        timed = network = self.network if timer is None else _TimedNetwork(self.network, timer)
+        if self.cache is not None:
+            self.cache.network, network = timed, self.cache
         w0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
             out = self.inferer(t, network)
         out = out[0, :, py // 2 : py // 2 + h, px // 2 : px // 2 + w].float().cpu().numpy()
         if timer is not None:  # the inferer's own work (windows, Gaussian weights, accumulation) = all but the forwards
-            timer.add("blending", time.perf_counter() - w0 - network.wall, time.process_time() - c0 - network.cpu)
+            timer.add("blending", time.perf_counter() - w0 - timed.wall, time.process_time() - c0 - timed.cpu)
         return out
 
 

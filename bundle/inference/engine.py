@@ -45,6 +45,8 @@ SUMMARY_FILE = "segment_summary.json"
 #: files of the run itself in the output folder, which no image's outputs may overwrite
 RUN_FILES = (SUMMARY_FILE,)
 DEFAULT_FORMATS = ("png", "geojson", "csv", "overlay")
+#: window outputs kept by the CPU window cache (about 330 windows of 3 x 256 x 256 float32)
+WINDOW_CACHE_BYTES = 256 * 2**20
 #: what a slide gets: nothing image-sized
 SLIDE_FORMATS = ("geojson", "csv")
 
@@ -127,6 +129,8 @@ class NucleiSegmenter:
         prefetch: run the next chunk's network pass on a background thread while the current chunk is
             post-processed and written (:func:`bundle.inference.overlap.prefetch`); same outputs.
         writer_thread: encode a tile's label map and overlay PNGs on a writer thread.
+        window_cache: predict each window once on the CPU, reusing the windows neighbouring chunks share
+            (:class:`bundle.inference.windows.WindowCache`, at most 256 MiB; the same maps).
         onnx_runtime: run the network with ONNX Runtime on the CPU (:mod:`bundle.inference.runtime`; maps equal to
             float rounding, not byte-identical).
         input_dir, output_dir: what :meth:`run` segments when called without arguments (MONAI's workflow
@@ -158,6 +162,7 @@ class NucleiSegmenter:
         prefetch: bool = True,
         writer_thread: bool = True,
         onnx_runtime: bool = False,
+        window_cache: bool = True,
         input_dir: str | os.PathLike | None = None,
         output_dir: str | os.PathLike | None = None,
     ) -> None:
@@ -182,6 +187,7 @@ class NucleiSegmenter:
         self.resume, self.progress = as_flag(resume, "resume"), as_flag(progress, "progress")
         self.prefetch, self.writer_thread = as_flag(prefetch, "prefetch"), as_flag(writer_thread, "writer_thread")
         self.onnx_runtime = as_flag(onnx_runtime, "onnx_runtime")
+        self.window_cache = as_flag(window_cache, "window_cache")
         self._predictor: SlidingWindowPredictor | None = None
         #: the option that gives ``ckpt`` on the front end in use (the messages name it)
         self.ckpt_option = "--ckpt_path"
@@ -225,7 +231,9 @@ class NucleiSegmenter:
                 from bundle.inference.runtime import OnnxNetwork
 
                 network = OnnxNetwork(self.network.to("cpu").eval(), self.roi).to(self.device)
-            self._predictor = SlidingWindowPredictor(network, device=self.device, amp=self.amp, inferer=self.inferer)
+            cache = WINDOW_CACHE_BYTES if self.window_cache and self.device.type == "cpu" else 0
+            self._predictor = SlidingWindowPredictor(network, device=self.device, amp=self.amp, inferer=self.inferer,
+                                                     window_cache=cache)
         return self._predictor
 
     def segment_file(self, path: Path, output_dir: Path) -> dict[str, Any]:

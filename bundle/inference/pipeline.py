@@ -78,6 +78,7 @@ def segment_image(
         post_halo = max(1, int((halo - 2) / factor))
     h, w = source.shape
     model_shape = (model_size(h, factor), model_size(w, factor))
+    getattr(predictor, "clear_cache", lambda: None)()  # windows of another image are never reused
     if stats is None:
         with stage("colour statistics"):
             stats = image_statistics(source, reference, tissue_only=tissue_only, input_mode=input_mode)
