@@ -235,6 +235,28 @@ class SlidingWindowPredictor:
         self.inferer, self.roi_size, self.overlap = inferer, roi[0], overlap[0]
         self.cache = WindowCache(None, window_cache) if window_cache > 0 else None
 
+    def plan_windows(self, origin: tuple[int, int], shape: tuple[int, int], keep) -> None:
+        """Tell the window cache where the next call's windows lie in the image: the input is the image's
+        ``shape`` region at ``origin`` (model px); ``keep(y, x)``: a window there can be needed later. MONAI's own
+        scan (``_get_scan_interval``, ``dense_patch_slices``) gives the positions in the order it passes them."""
+        if self.cache is None:
+            return
+        if min(shape) < self.roi_size:  # padded to a window: positions not worth the bookkeeping
+            self.cache.plan(None, None)
+            return
+        from monai.data.utils import dense_patch_slices
+        from monai.inferers.utils import _get_scan_interval
+
+        roi = (self.roi_size, self.roi_size)
+        scan = _get_scan_interval(tuple(shape), roi, 2, (self.overlap, self.overlap))
+        slices = dense_patch_slices(tuple(shape), roi, scan, return_slice=True)
+        self.cache.plan([(origin[0] + s[0].start, origin[1] + s[1].start) for s in slices], keep)
+
+    def prune_windows(self) -> None:
+        """Drop the cached windows no later chunk can need."""
+        if self.cache is not None:
+            self.cache.prune()
+
     def clear_cache(self) -> None:
         """Forget the stored windows (a new image)."""
         if self.cache is not None:
@@ -326,6 +348,24 @@ def network_input(
         return np.ascontiguousarray((planes - mean) / std, dtype=np.float32)
 
 
+def _later_chunks_need(ys: Sequence[ChunkGeometry], xs: Sequence[ChunkGeometry], iy: int, ix: int, roi: int,
+                       stride: int):
+    """``keep(y, x)``: whether a window at (y, x) (model px) lies inside the ``net`` of a chunk after (iy, ix) in
+    row-major order: a later chunk of this row, or any chunk of a later row."""
+    row = ys[iy].net
+    next_row = ys[iy + 1].net[0] if iy + 1 < len(ys) else None
+    next_col = xs[ix + 1].net[0] if ix + 1 < len(xs) else None
+
+    # later chunks' windows start on their net origin's grid (multiples of the stride from it), except the
+    # edge-clamped last ones, which are never shared
+    def keep(y: int, x: int) -> bool:
+        if next_row is not None and y >= next_row and (y - next_row) % stride == 0:
+            return True
+        return next_col is not None and x >= next_col and (x - next_col) % stride == 0 and y + roi <= row[1]
+
+    return keep
+
+
 def predict_chunks(
     source: RegionSource,
     predictor: Callable[[np.ndarray], np.ndarray],
@@ -349,8 +389,12 @@ def predict_chunks(
     hm, wm = model_size(h, factor), model_size(w, factor)
     ys = chunk_grid(h, hm, chunk, halo, roi, stride, _blur_radius(h, hm))
     xs = chunk_grid(w, wm, chunk, halo, roi, stride, _blur_radius(w, wm))
-    for gy in ys:
-        for gx in xs:
+    plan = getattr(predictor, "plan_windows", None)
+    for iy, gy in enumerate(ys):
+        for ix, gx in enumerate(xs):
+            if plan is not None:
+                plan((gy.net[0], gx.net[0]), (gy.net[1] - gy.net[0], gx.net[1] - gx.net[0]),
+                     _later_chunks_need(ys, xs, iy, ix, roi, stride))
             with stage("read"):
                 rgb = np.asarray(source.read(*gy.native_read, *gx.native_read))
             expect = (gy.native_read[1] - gy.native_read[0], gx.native_read[1] - gx.native_read[0], 3)
@@ -368,6 +412,7 @@ def predict_chunks(
                     continue
             x = network_input(rgb, stats, reference, gy, gx, (h, w), (hm, wm))
             maps = predictor(x)
+            getattr(predictor, "prune_windows", lambda: None)()
             if maps.ndim != 3 or maps.shape[1:] != x.shape[1:]:
                 raise ValueError(f"predictor returned shape {maps.shape} for an input of {x.shape}; expected (C, h, w)")
             with stage("blending"):  # the exact crop of the blended maps

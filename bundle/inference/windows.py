@@ -5,9 +5,12 @@ a window whose input it has seen (same bytes), so the next chunk reuses the wind
 ones. The inferer still blends every window of every chunk in the same order, so the maps are the same values as
 without the cache (tests/test_throughput.py; byte-identical outputs on the dense mm², docs/benchmarks.md).
 
-Keyed by a BLAKE2b digest of the window's input bytes (shape and dtype included): no geometry is assumed, a window
-that differs in one bit is predicted again. Least recently used windows are dropped beyond ``max_bytes``; that only
-costs recomputation (a slide wider than the cache keeps the saving between neighbours in a row).
+Keyed by a BLAKE2b digest of the window's input bytes (shape and dtype included), so a window that differs in one
+bit is predicted again and a wrong guess of the geometry can only cost time. What is KEPT follows the geometry:
+the chunk pass says, per chunk, where its windows lie in the image (:meth:`WindowCache.plan`, the positions in
+MONAI's scan order) and which positions a later chunk can still need (``keep``); only those are stored and the rest
+are pruned after the chunk, so the store holds the strips shared with the next chunk of the row and with the next
+row (~100 windows, 80 MB, for a 4000 px wide image). Beyond ``max_bytes`` the least recently used are dropped.
 """
 
 from __future__ import annotations
@@ -28,12 +31,38 @@ class WindowCache:
     def __init__(self, network, max_bytes: int = 256 * 2**20) -> None:
         self.network, self.max_bytes = network, int(max_bytes)
         self._store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._where: dict[bytes, tuple[int, int]] = {}
+        self._positions: list[tuple[int, int]] | None = None
+        self._keep = None
+        self._at = 0
         self.bytes = 0
         self.hits = self.misses = 0
 
     def clear(self) -> None:
         self._store.clear()
+        self._where.clear()
         self.bytes = 0
+
+    def plan(self, positions: list[tuple[int, int]] | None, keep=None) -> None:
+        """The image positions of the windows of the next inferer call, in the order the inferer passes them, and
+        ``keep(y, x)``: whether a window there can be needed by a later chunk (None: keep everything, LRU only)."""
+        self._positions, self._keep, self._at = positions, keep, 0
+
+    def prune(self) -> None:
+        """Drop the stored windows that no later chunk can need (after a chunk)."""
+        if self._keep is None:
+            return
+        for key in [k for k, pos in self._where.items() if not self._keep(*pos)]:
+            self._drop(key)
+
+    def _next_positions(self, n: int) -> list | None:
+        if self._positions is None:
+            return None
+        at, self._at = self._at, self._at + n
+        if self._at > len(self._positions):  # not the call the plan was made for: keep by LRU only
+            self._positions = None
+            return None
+        return self._positions[at : self._at]
 
     @staticmethod
     def _key(window: torch.Tensor) -> bytes:
@@ -46,6 +75,7 @@ class WindowCache:
         if self.max_bytes <= 0 or not isinstance(x, torch.Tensor) or x.ndim < 2:
             return self.network(x)
         keys = [self._key(x[i]) for i in range(x.shape[0])]
+        where = self._next_positions(len(keys))
         cached = [self._store.get(k) for k in keys]
         miss = [i for i, c in enumerate(cached) if c is None]
         self.hits += len(keys) - len(miss)
@@ -62,7 +92,8 @@ class WindowCache:
             out = None
         fresh = dict(zip(miss, computed))
         for i in miss:
-            self._put(keys[i], fresh[i])
+            if where is None or self._keep is None or self._keep(*where[i]):
+                self._put(keys[i], fresh[i], None if where is None else where[i])
         for i, k in enumerate(keys):
             if i not in fresh:
                 self._store.move_to_end(k, last=True) if k in self._store else None
@@ -70,13 +101,19 @@ class WindowCache:
             return out
         return torch.stack([fresh[i] if i in fresh else cached[i] for i in range(len(keys))])
 
-    def _put(self, key: bytes, value: torch.Tensor) -> None:
+    def _put(self, key: bytes, value: torch.Tensor, where: tuple[int, int] | None) -> None:
         value = value.detach().clone()
         size = value.numel() * value.element_size()
-        if size > self.max_bytes:
+        if size > self.max_bytes or key in self._store:
             return
         self._store[key] = value
+        if where is not None:
+            self._where[key] = where
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, old = self._store.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self._drop(next(iter(self._store)))
+
+    def _drop(self, key: bytes) -> None:
+        old = self._store.pop(key)
+        self._where.pop(key, None)
+        self.bytes -= old.numel() * old.element_size()
