@@ -179,3 +179,44 @@ def test_onnx_runtime_is_off_by_word_and_matches_torch():
                          features=4, network_def={"_target_": "bundle.model.network.DSHFN", "in_channels": 3,
                                                   "features": 4, "levels": 2})
     assert seg.onnx_runtime is True and isinstance(seg.predictor().network, OnnxNetwork)
+
+
+# -- window cache ------------------------------------------------------------------------------------------------
+def test_window_cache_predicts_each_window_once_and_keeps_only_what_is_planned():
+    import torch
+
+    from bundle.inference.windows import WindowCache
+
+    calls = []
+
+    def net(x):
+        calls.append(x.shape[0])
+        return x * 2 + 1
+
+    cache = WindowCache(net, max_bytes=10 * 2**20)
+    a, b, c = (torch.full((1, 8, 8), float(v)) for v in (1, 2, 3))
+    assert torch.equal(cache(torch.stack([a, b])), torch.stack([a, b]) * 2 + 1)
+    got = cache(torch.stack([b, c, a]))  # b and a seen: only c goes through the network
+    assert torch.equal(got, torch.stack([b, c, a]) * 2 + 1) and calls == [2, 1]
+    assert (cache.hits, cache.misses) == (2, 3)
+    # planned positions: only windows a later chunk can use are stored, the rest pruned after the chunk
+    cache.clear()
+    cache.plan([(0, 0), (0, 192), (192, 0)], keep=lambda y, x: y >= 192)
+    cache(torch.stack([a, b, c]))
+    assert len(cache._store) == 1  # only c, at y = 192
+    cache.plan(None, keep=lambda y, x: False)
+    cache.prune()
+    assert not cache._store and cache.bytes == 0
+
+
+def test_outputs_identical_with_and_without_window_cache(stub_config, tmp_path):  # noqa: F811
+    tiles(tmp_path / "in", 1, shape=(700, 640))  # 3 x 3 chunks of 256 model px: windows shared across chunks
+    runs, hits = {}, {}
+    for on in (False, True):
+        out = tmp_path / f"out_{on}"
+        seg = load_segmenter([str(ROOT / "configs" / "inference.json"), str(stub_config)], ckpt_path=None,
+                             device="cpu", progress=False, chunk=256, halo=24, window_cache=on)
+        seg.run(tmp_path / "in", out)
+        runs[on] = _digests(out)
+        hits[on] = seg.predictor().cache.hits if on else 0
+    assert runs[True] == runs[False] and hits[True] > 0

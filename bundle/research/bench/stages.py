@@ -154,11 +154,12 @@ def stage_rows(profile: dict, label: str) -> list[dict]:
     rows = [{"input": label, "threads": profile["threads"], "stage": k + (" (background thread)" if stages[k]["thread"] == "background" else ""),
              "wall_s": stages[k]["wall_s"], "cpu_s": stages[k]["cpu_s"], "x_network": stages[k]["wall_s"] / net}
             for k in names]
-    rest = sum(stages[k]["wall_s"] for k in names if k != "network" and stages[k]["thread"] == "main")
-    other = profile["wall_s"] - rest - net  # run set-up, summaries, the progress of the generator itself
+    rest = sum(stages[k]["wall_s"] for k in names if k != "network")  # work, whichever thread did it
+    if not any(stages[k]["thread"] == "background" for k in names):
+        other = profile["wall_s"] - rest - net  # run set-up, summaries, the generator itself
+        rows.append({"input": label, "threads": profile["threads"], "stage": "(untimed: run files, glue)",
+                     "wall_s": other, "cpu_s": float("nan"), "x_network": other / net})
     rows += [
-        {"input": label, "threads": profile["threads"], "stage": "(untimed: run files, glue)", "wall_s": other,
-         "cpu_s": float("nan"), "x_network": other / net},
         {"input": label, "threads": profile["threads"], "stage": "**non-network / network**", "wall_s": rest,
          "cpu_s": float("nan"), "x_network": rest / net},
         {"input": label, "threads": profile["threads"], "stage": "**run wall (network share)**", "wall_s": profile["wall_s"],
