@@ -220,3 +220,37 @@ def test_outputs_identical_with_and_without_window_cache(stub_config, tmp_path):
         runs[on] = _digests(out)
         hits[on] = seg.predictor().cache.hits if on else 0
     assert runs[True] == runs[False] and hits[True] > 0
+
+
+# -- the stages benchmark's inputs and table ---------------------------------------------------------------------
+def test_stage_inputs_are_built_deterministically(monuseg_dir, tmp_path):
+    import tifffile
+
+    from bundle.research.bench.stages import dense_mosaic, glass_slide, write_pyramid
+
+    dense = dense_mosaic(monuseg_dir.parent)
+    assert dense.shape == (4000, 4000, 3) and dense.dtype == np.uint8
+    assert np.array_equal(dense, dense_mosaic(monuseg_dir.parent))
+    small = dense[:600, :500]
+    slide = glass_slide(small)
+    assert slide.shape == (600, 1000, 3) and np.array_equal(slide[:, :500], small)
+    assert slide[:, 500:].min() >= 237 and np.array_equal(slide, glass_slide(small))
+    path = write_pyramid(tmp_path / "s.tif", slide, tile=256)
+    with tifffile.TiffFile(path) as tif:
+        levels = tif.series[0].levels
+        assert [lv.shape for lv in levels] == [(600, 1000, 3), (300, 500, 3)]
+        assert np.array_equal(levels[0].asarray(), slide)
+
+
+def test_stage_rows_ratio_and_share():
+    from bundle.research.bench.stages import stage_rows
+
+    profile = {"threads": 2, "wall_s": 10.0, "peak_rss_mib": 1000.0, "nuclei": 5, "stages": [
+        {"stage": "network", "wall_s": 6.0, "cpu_s": 11.0, "calls": 4, "thread": "main"},
+        {"stage": "watershed", "wall_s": 2.0, "cpu_s": 2.0, "calls": 4, "thread": "main"},
+        {"stage": "png", "wall_s": 1.0, "cpu_s": 1.0, "calls": 1, "thread": "background"},
+    ]}
+    rows = {r["stage"]: r for r in stage_rows(profile, "x")}
+    assert rows["**non-network / network**"]["wall_s"] == 3.0 and rows["**non-network / network**"]["x_network"] == 0.5
+    assert "png (background thread)" in rows and "(untimed: run files, glue)" not in rows
+    assert rows["**run wall (network share)**"]["x_network"].startswith("share 0.60")
