@@ -1,7 +1,17 @@
 """Stage profile of the inference engine on one dense mm² of 40x tissue and on a slide-like image with half glass.
 
     python scripts/benchmark.py --suite stages                     # 1 and 2 threads, dense mm² and 50 % glass
-    python -m bundle.research.bench.stages --build runs/throughput  # only (re)build the two inputs
+    python -m bundle.research.bench.stages --build runs/throughput  # only (re)build the inputs
+    python -m bundle.research.bench.stages --compare before.json after.json   # before/after tables
+
+Each run is a fresh process with ``OMP_NUM_THREADS`` set, running ``configs/inference.json``'s engine
+(:func:`profile_run`) under a :class:`bundle.inference.timing.StageTimer`; the weights load before the timed run.
+Stages: ``read`` (decode / region reads), ``colour statistics``, ``glass test`` (slides), ``reinhard``,
+``resample`` (to model scale and standardisation), ``network`` (the forward passes only), ``blending`` (MONAI's
+inferer around them: windows, Gaussian weights, accumulation, and the window cache's lookups), ``maps to native``,
+``watershed`` (instances and block ownership), ``measurements``, ``label map``, ``geojson``, ``csv``, ``png``,
+``overlay`` (drawing) / ``overlay png`` (encoding). ``--overrides '{"prefetch": false}'`` keeps every stage on the
+main thread, so their times add up to the run; with ``prefetch`` on they overlap and are marked as background.
 
 Inputs (built deterministically from ``../shared/data``, never committed; :func:`build_inputs`):
 
@@ -197,11 +207,37 @@ def run(args: Any) -> list[dict]:
     return rows
 
 
+def compare_tables(before: list[dict], after: list[dict]) -> str:
+    """Markdown: per input and thread count, each stage's wall seconds and multiple of the network before and
+    after (the ``--json`` rows of two ``--suite stages`` runs)."""
+    def fmt(v):
+        return "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+    out = []
+    groups = dict.fromkeys((r["input"], r["threads"]) for r in after)
+    for label, threads in groups:
+        b = {r["stage"].replace(" (background thread)", ""): r for r in before if (r["input"], r["threads"]) == (label, threads)}
+        a = {r["stage"].replace(" (background thread)", ""): r for r in after if (r["input"], r["threads"]) == (label, threads)}
+        out += [f"\n**{label}, {threads} thread{'s' if threads > 1 else ''}**\n",
+                "| stage | before s | before x net | after s | after x net |", "|---|---|---|---|---|"]
+        for k in list(dict.fromkeys([*b, *a])):
+            rb, ra = b.get(k, {}), a.get(k, {})
+            xb, xa = rb.get("x_network"), ra.get("x_network")
+            out.append(f"| {k} | {fmt(rb.get('wall_s'))} | {fmt(xb)} | {fmt(ra.get('wall_s'))} | {fmt(xa)} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--build", default="runs/throughput", help="folder for the inputs")
+    p.add_argument("--compare", nargs=2, metavar=("BEFORE_JSON", "AFTER_JSON"),
+                   help="print before/after tables from two `scripts/benchmark.py --suite stages --json` files")
     args = p.parse_args()
-    for k, v in build_inputs(args.build).items():
-        print(k, v, v.stat().st_size)
+    if args.compare:
+        rows = [json.loads(Path(f).read_text())["stages"] for f in args.compare]
+        print(compare_tables(*rows))
+    else:
+        for k, v in build_inputs(args.build).items():
+            print(k, v, v.stat().st_size)
