@@ -72,7 +72,7 @@ class OnnxNetwork:
             import onnxruntime as ort
         except ImportError as exc:
             raise DataError(f"onnx_runtime is on but onnxruntime is not installed ({exc}). "
-                            "pip install onnxruntime onnx, or set onnx_runtime false") from exc
+                            "pip install -r requirements.txt (onnxruntime, onnx), or set onnx_runtime false") from exc
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
