@@ -6,6 +6,7 @@
     python scripts/benchmark.py --suite metrics    # BF1/HD95 vs MONAI HausdorffDistanceMetric
     python scripts/benchmark.py --suite inference  # one 1000x1000 tile: read / normalise / network / post / write
     python scripts/benchmark.py --suite cost       # inference cost per mm^2 of tissue vs HoVerNet(fast) and BasicUNet
+    python scripts/benchmark.py --suite stages     # the engine stage by stage: dense mm², 50 % glass slide; 1 and 2 threads
     python scripts/benchmark.py --device cuda --amp
 
 Results print as markdown tables (paste into docs/benchmarks.md) and, with --json, are saved.
@@ -22,7 +23,7 @@ import bundle_path  # noqa: F401  (the bundle root on sys.path)
 
 from bundle.research.bench import format_table
 
-SUITES = ["network", "metrics", "inference", "cost"]
+SUITES = ["network", "metrics", "inference", "cost", "stages"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller inputs, for a smoke run")
     parser.add_argument("--post_scale", choices=["model", "native"], default="model",
                         help="inference suite: watershed on the model-scale maps (default) or on native-size maps")
+    parser.add_argument("--threads", type=int, nargs="+", help="stages suite: torch/OpenMP threads (default 1 2)")
+    parser.add_argument("--stage_inputs", nargs="+", choices=["dense", "dense_slide", "glass50"],
+                        help="stages suite: inputs (default all three)")
+    parser.add_argument("--build_dir", help="stages suite: folder for the built inputs (default runs/bench_stages)")
+    parser.add_argument("--overrides", help="stages suite: config ids as JSON, e.g. '{\"chunk\": 2048}'")
     parser.add_argument("--json", help="write all rows to this JSON file")
     args = parser.parse_args(argv)
 

@@ -121,6 +121,10 @@ def test_a_bad_switch_is_one_line_naming_the_option_as_typed(tmp_path):
     (["inference.json"], "skip_existing", "segmenter"),
     (["inference.json"], "progress", "segmenter"),
     (["inference.json"], "watershed#fill_holes", "segmenter"),
+    (["inference.json"], "prefetch", "segmenter"),
+    (["inference.json"], "writer_thread", "segmenter"),
+    (["inference.json"], "window_cache", "segmenter"),
+    (["inference.json"], "onnx_runtime", "segmenter"),
 ])
 def test_every_switch_of_every_config_names_itself(configs, key, consumer, monkeypatch):
     """What each switch's consumer gets from ``--<key> maybe`` (fire's string): one line naming ``--<key>``."""

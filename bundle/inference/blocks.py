@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bundle.inference.chunks import ChunkMaps, maps_to_native
+from bundle.inference.timing import stage
 from bundle.nuclei.watershed import (
     WatershedParams,
     instances_from_maps,
@@ -99,39 +100,48 @@ def segment_blocks(
         for bx in _split(gx.native_core, post_chunk):
             wy = (max(gy.native_exact[0], by[0] - post_halo), min(gy.native_exact[1], by[1] + post_halo))
             wx = (max(gx.native_exact[0], bx[0] - post_halo), min(gx.native_exact[1], bx[1] + post_halo))
-            up = maps_to_native([maps.region, maps.boundary], wy, wx, gy.exact, gx.exact, native_shape, model_shape)
-            if post_scale == "native":
-                inst = instances_from_maps(up[0], up[1], params)
-                cy, cx = _centroids(inst)
-                cy, cx = cy + wy[0], cx + wx[0]
-            else:
-                # model pixels nearest to the window's native pixels: among its bilinear taps, so inside ``exact``
-                iy = nearest_index(native_shape[0], model_shape[0], *wy) - gy.exact[0]
-                ix = nearest_index(native_shape[1], model_shape[1], *wx) - gx.exact[0]
-                sy, sx = slice(iy[0], iy[-1] + 1), slice(ix[0], ix[-1] + 1)
-                inst = instances_from_maps(maps.region[sy, sx], maps.boundary[sy, sx], params)
-                # ownership from the model-scale centroid mapped to native pixels (a model pixel's native pixels
-                # are centred there): the same in every block that holds the nucleus, 4x fewer pixels to sum
-                cy, cx = _centroids(inst)
-                cy = (cy + sy.start + gy.exact[0] + 0.5) * (native_shape[0] / model_shape[0]) - 0.5
-                cx = (cx + sx.start + gx.exact[0] + 0.5) * (native_shape[1] / model_shape[1]) - 0.5
-            owned = (cy >= by[0]) & (cy < by[1]) & (cx >= bx[0]) & (cx < bx[1])
-            owned[0] = False
-            inst = relabel_consecutive(np.where(owned[inst], inst, 0))
-            if post_scale == "model":
-                inst = inst[iy - iy[0]][:, ix - ix[0]]
-            truncated = 0
-            if inst.any():
-                edges = []
-                if wy[0] > 0:
-                    edges.append(inst[0])
-                if wy[1] < native_shape[0]:
-                    edges.append(inst[-1])
-                if wx[0] > 0:
-                    edges.append(inst[:, 0])
-                if wx[1] < native_shape[1]:
-                    edges.append(inst[:, -1])
-                truncated = len(np.unique(np.concatenate(edges))[1:]) if edges else 0
+            with stage("maps to native"):
+                up = maps_to_native([maps.region, maps.boundary], wy, wx, gy.exact, gx.exact, native_shape, model_shape)
+            with stage("watershed"):
+                inst, truncated = _block_instances(maps, up, wy, wx, by, bx, native_shape, model_shape, params, post_scale)
             ry0, rx0 = gy.native_read[0], gx.native_read[0]
             rgb = maps.rgb[wy[0] - ry0 : wy[1] - ry0, wx[0] - rx0 : wx[1] - rx0]
             yield NucleusBlock((wy[0], wx[0]), inst, up[0], up[1], rgb, truncated)
+
+
+def _block_instances(maps, up, wy, wx, by, bx, native_shape, model_shape, params, post_scale):
+    """The watershed of one block's window and the nuclei it owns (:func:`segment_blocks`): (instances, truncated)."""
+    gy, gx = maps.y, maps.x
+    if post_scale == "native":
+        inst = instances_from_maps(up[0], up[1], params)
+        cy, cx = _centroids(inst)
+        cy, cx = cy + wy[0], cx + wx[0]
+    else:
+        # model pixels nearest to the window's native pixels: among its bilinear taps, so inside ``exact``
+        iy = nearest_index(native_shape[0], model_shape[0], *wy) - gy.exact[0]
+        ix = nearest_index(native_shape[1], model_shape[1], *wx) - gx.exact[0]
+        sy, sx = slice(iy[0], iy[-1] + 1), slice(ix[0], ix[-1] + 1)
+        inst = instances_from_maps(maps.region[sy, sx], maps.boundary[sy, sx], params)
+        # ownership from the model-scale centroid mapped to native pixels (a model pixel's native pixels
+        # are centred there): the same in every block that holds the nucleus, 4x fewer pixels to sum
+        cy, cx = _centroids(inst)
+        cy = (cy + sy.start + gy.exact[0] + 0.5) * (native_shape[0] / model_shape[0]) - 0.5
+        cx = (cx + sx.start + gx.exact[0] + 0.5) * (native_shape[1] / model_shape[1]) - 0.5
+    owned = (cy >= by[0]) & (cy < by[1]) & (cx >= bx[0]) & (cx < bx[1])
+    owned[0] = False
+    inst = relabel_consecutive(np.where(owned[inst], inst, 0))
+    if post_scale == "model":
+        inst = inst[iy - iy[0]][:, ix - ix[0]]
+    truncated = 0
+    if inst.any():
+        edges = []
+        if wy[0] > 0:
+            edges.append(inst[0])
+        if wy[1] < native_shape[0]:
+            edges.append(inst[-1])
+        if wx[0] > 0:
+            edges.append(inst[:, 0])
+        if wx[1] < native_shape[1]:
+            edges.append(inst[:, -1])
+        truncated = len(np.unique(np.concatenate(edges))[1:]) if edges else 0
+    return inst, truncated

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -38,6 +39,8 @@ from bundle.inference.colour import (
     reinhard_rgb,
 )
 from bundle.inference.sources import RegionSource
+from bundle.inference.timing import active_timer, stage
+from bundle.inference.windows import WindowCache
 from bundle.nuclei.binarize import REGION, watershed_channel
 
 logger = logging.getLogger(__name__)
@@ -176,6 +179,9 @@ def maps_to_native(
 ) -> list[np.ndarray]:
     """The native window ``out_y x out_x`` of probability maps brought back from model scale by bilinear resizing
     (``F.interpolate``, as ``Invertd`` does), from their model-scale crop ``in_y x in_x``; float32, clipped to [0, 1]."""
+    if tuple(native_shape) == tuple(model_shape):  # 40x at 0.25 um/px: the bilinear weights are 1 and 0, a crop
+        sy, sx = slice(out_y[0] - in_y[0], out_y[1] - in_y[0]), slice(out_x[0] - in_x[0], out_x[1] - in_x[0])
+        return [np.clip(np.asarray(m, np.float32)[sy, sx], 0.0, 1.0) for m in maps]
     ry = resample_matrix(out_y, in_y, native_shape[0], model_shape[0], "bilinear")
     rx = resample_matrix(out_x, in_x, native_shape[1], model_shape[1], "bilinear")
     return [np.clip(np.asarray((rx @ np.asarray(ry @ m).T).T, np.float32), 0.0, 1.0) for m in maps]
@@ -209,10 +215,12 @@ class SlidingWindowPredictor:
         device: str | torch.device = "cpu",
         amp: bool = False,
         inferer: SlidingWindowInferer | None = None,
+        window_cache: int = 0,
     ) -> None:
         """``inferer``: a configured MONAI ``SlidingWindowInferer`` with square windows (its ``roi_size`` and
         ``overlap`` then replace the arguments); default: one from ``roi_size``/``sw_batch_size``/``overlap``
-        with Gaussian blending and reflect padding."""
+        with Gaussian blending and reflect padding. ``window_cache``: bytes of window outputs kept so that a window
+        shared by neighbouring chunks is predicted once (:class:`bundle.inference.windows.WindowCache`; 0: none)."""
         self.network = network.to(device).eval()
         self.device = torch.device(device)
         self.amp = amp
@@ -225,6 +233,34 @@ class SlidingWindowPredictor:
             raise ValueError(f"SlidingWindowPredictor needs square windows and one overlap, got roi_size={roi}, "
                              f"overlap={overlap}")
         self.inferer, self.roi_size, self.overlap = inferer, roi[0], overlap[0]
+        self.cache = WindowCache(None, window_cache) if window_cache > 0 else None
+
+    def plan_windows(self, origin: tuple[int, int], shape: tuple[int, int], keep) -> None:
+        """Tell the window cache where the next call's windows lie in the image: the input is the image's
+        ``shape`` region at ``origin`` (model px); ``keep(y, x)``: a window there can be needed later. MONAI's own
+        scan (``_get_scan_interval``, ``dense_patch_slices``) gives the positions in the order it passes them."""
+        if self.cache is None:
+            return
+        if min(shape) < self.roi_size:  # padded to a window: positions not worth the bookkeeping
+            self.cache.plan(None, None)
+            return
+        from monai.data.utils import dense_patch_slices
+        from monai.inferers.utils import _get_scan_interval
+
+        roi = (self.roi_size, self.roi_size)
+        scan = _get_scan_interval(tuple(shape), roi, 2, (self.overlap, self.overlap))
+        slices = dense_patch_slices(tuple(shape), roi, scan, return_slice=True)
+        self.cache.plan([(origin[0] + s[0].start, origin[1] + s[1].start) for s in slices], keep)
+
+    def prune_windows(self) -> None:
+        """Drop the cached windows no later chunk can need."""
+        if self.cache is not None:
+            self.cache.prune()
+
+    def clear_cache(self) -> None:
+        """Forget the stored windows (a new image)."""
+        if self.cache is not None:
+            self.cache.clear()
 
     @property
     def stride(self) -> int:
@@ -240,9 +276,34 @@ class SlidingWindowPredictor:
         if py or px:
             x = np.pad(x, [(0, 0), (py // 2, py - py // 2), (px // 2, px - px // 2)], mode="symmetric")
         t = torch.from_numpy(np.ascontiguousarray(x, np.float32))[None].to(self.device)
+        timer = active_timer()
+        timed = network = self.network if timer is None else _TimedNetwork(self.network, timer)
+        if self.cache is not None:
+            self.cache.network, network = timed, self.cache
+        w0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.amp):
-            out = self.inferer(t, self.network)
-        return out[0, :, py // 2 : py // 2 + h, px // 2 : px // 2 + w].float().cpu().numpy()
+            out = self.inferer(t, network)
+        out = out[0, :, py // 2 : py // 2 + h, px // 2 : px // 2 + w].float().cpu().numpy()
+        if timer is not None:  # the inferer's own work (windows, Gaussian weights, accumulation) = all but the forwards
+            timer.add("blending", time.perf_counter() - w0 - timed.wall, time.process_time() - c0 - timed.cpu)
+        return out
+
+
+class _TimedNetwork:
+    """The network as the inferer calls it, its forward passes added to a :class:`StageTimer` as ``network``."""
+
+    def __init__(self, network: torch.nn.Module, timer) -> None:
+        self.network, self.timer, self.wall, self.cpu = network, timer, 0.0, 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = self.network(x)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        w, c = time.perf_counter() - w0, time.process_time() - c0
+        self.wall, self.cpu = self.wall + w, self.cpu + c
+        self.timer.add("network", w, c)
+        return out
 
 
 @dataclass
@@ -269,17 +330,40 @@ def network_input(
         if stats.gray is not None and stats.gray.shape == (h, w):
             gray = stats.gray[gy.native_read[0] : gy.native_read[1], gx.native_read[0] : gx.native_read[1]]
         else:
-            gray = reinhard_gray(rgb, stats.lab_mean, stats.lab_std, reference)
-        x = to_model_scale(gray, gy.native_read, gx.native_read, gy.net, gx.net, native_shape, model_shape)
-        planes = np.clip(x / np.float32(255.0), 0.0, 1.0)[None]
+            with stage("reinhard"):
+                gray = reinhard_gray(rgb, stats.lab_mean, stats.lab_std, reference)
+        with stage("resample"):
+            x = to_model_scale(gray, gy.native_read, gx.native_read, gy.net, gx.net, native_shape, model_shape)
+            planes = np.clip(x / np.float32(255.0), 0.0, 1.0)[None]
     else:
-        norm = reinhard_rgb(rgb, stats.lab_mean, stats.lab_std, reference)
-        scaled = np.stack([to_model_scale(np.ascontiguousarray(norm[..., c]), gy.native_read, gx.native_read, gy.net,
-                                          gx.net, native_shape, model_shape) for c in range(3)], axis=-1)
-        planes = np.moveaxis(rgb_to_input(scaled, stats.input_mode), -1, 0)
-    mean = np.asarray(stats.input_mean, np.float32)[:, None, None]
-    std = np.maximum(np.asarray(stats.input_std, np.float32), 1e-8)[:, None, None]
-    return np.ascontiguousarray((planes - mean) / std, dtype=np.float32)
+        with stage("reinhard"):
+            norm = reinhard_rgb(rgb, stats.lab_mean, stats.lab_std, reference)
+        with stage("resample"):
+            scaled = np.stack([to_model_scale(np.ascontiguousarray(norm[..., c]), gy.native_read, gx.native_read,
+                                              gy.net, gx.net, native_shape, model_shape) for c in range(3)], axis=-1)
+            planes = np.moveaxis(rgb_to_input(scaled, stats.input_mode), -1, 0)
+    with stage("resample"):
+        mean = np.asarray(stats.input_mean, np.float32)[:, None, None]
+        std = np.maximum(np.asarray(stats.input_std, np.float32), 1e-8)[:, None, None]
+        return np.ascontiguousarray((planes - mean) / std, dtype=np.float32)
+
+
+def _later_chunks_need(ys: Sequence[ChunkGeometry], xs: Sequence[ChunkGeometry], iy: int, ix: int, roi: int,
+                       stride: int):
+    """``keep(y, x)``: whether a window at (y, x) (model px) lies inside the ``net`` of a chunk after (iy, ix) in
+    row-major order: a later chunk of this row, or any chunk of a later row."""
+    row = ys[iy].net
+    next_row = ys[iy + 1].net[0] if iy + 1 < len(ys) else None
+    next_col = xs[ix + 1].net[0] if ix + 1 < len(xs) else None
+
+    # later chunks' windows start on their net origin's grid (multiples of the stride from it), except the
+    # edge-clamped last ones, which are never shared
+    def keep(y: int, x: int) -> bool:
+        if next_row is not None and y >= next_row and (y - next_row) % stride == 0:
+            return True
+        return next_col is not None and x >= next_col and (x - next_col) % stride == 0 and y + roi <= row[1]
+
+    return keep
 
 
 def predict_chunks(
@@ -305,9 +389,14 @@ def predict_chunks(
     hm, wm = model_size(h, factor), model_size(w, factor)
     ys = chunk_grid(h, hm, chunk, halo, roi, stride, _blur_radius(h, hm))
     xs = chunk_grid(w, wm, chunk, halo, roi, stride, _blur_radius(w, wm))
-    for gy in ys:
-        for gx in xs:
-            rgb = np.asarray(source.read(*gy.native_read, *gx.native_read))
+    plan = getattr(predictor, "plan_windows", None)
+    for iy, gy in enumerate(ys):
+        for ix, gx in enumerate(xs):
+            if plan is not None:
+                plan((gy.net[0], gx.net[0]), (gy.net[1] - gy.net[0], gx.net[1] - gx.net[0]),
+                     _later_chunks_need(ys, xs, iy, ix, roi, stride))
+            with stage("read"):
+                rgb = np.asarray(source.read(*gy.native_read, *gx.native_read))
             expect = (gy.native_read[1] - gy.native_read[0], gx.native_read[1] - gx.native_read[0], 3)
             if rgb.shape != expect or rgb.dtype != np.uint8:
                 raise DataError(f"{source.path}: region read gave {rgb.dtype} {rgb.shape}, expected uint8 {expect}")
@@ -315,19 +404,23 @@ def predict_chunks(
             if skip_background:
                 cy = slice(gy.native_core[0] - gy.native_read[0], gy.native_core[1] - gy.native_read[0])
                 cx = slice(gx.native_core[0] - gx.native_read[0], gx.native_core[1] - gx.native_read[0])
-                if is_background(rgb[cy, cx]).all():
+                with stage("glass test"):
+                    glass = is_background(rgb[cy, cx]).all()
+                if glass:
                     zero = np.zeros(shape, np.float32)
                     yield ChunkMaps(gy, gx, zero, zero, rgb, skipped=True)
                     continue
             x = network_input(rgb, stats, reference, gy, gx, (h, w), (hm, wm))
             maps = predictor(x)
+            getattr(predictor, "prune_windows", lambda: None)()
             if maps.ndim != 3 or maps.shape[1:] != x.shape[1:]:
                 raise ValueError(f"predictor returned shape {maps.shape} for an input of {x.shape}; expected (C, h, w)")
-            ey = slice(gy.exact[0] - gy.net[0], gy.exact[1] - gy.net[0])
-            ex = slice(gx.exact[0] - gx.net[0], gx.exact[1] - gx.net[0])
-            region = np.ascontiguousarray(maps[REGION, ey, ex], np.float32)
-            channel = watershed_channel(maps.shape[0])
-            boundary = np.zeros_like(region) if channel is None else np.ascontiguousarray(maps[channel, ey, ex], np.float32)
+            with stage("blending"):  # the exact crop of the blended maps
+                ey = slice(gy.exact[0] - gy.net[0], gy.exact[1] - gy.net[0])
+                ex = slice(gx.exact[0] - gx.net[0], gx.exact[1] - gx.net[0])
+                region = np.ascontiguousarray(maps[REGION, ey, ex], np.float32)
+                channel = watershed_channel(maps.shape[0])
+                boundary = np.zeros_like(region) if channel is None else np.ascontiguousarray(maps[channel, ey, ex], np.float32)
             del maps, x
             yield ChunkMaps(gy, gx, region, boundary, rgb)
             del rgb, region, boundary  # not alive while the next chunk is read and predicted

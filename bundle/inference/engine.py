@@ -31,6 +31,7 @@ from bundle.inference.chunks import SlidingWindowPredictor, default_inferer
 from bundle.inference.files import output_files, tiles_for_run
 from bundle.inference.pipeline import peak_rss_mib, segment_image
 from bundle.inference.slide import is_slide, open_source, segment_slide
+from bundle.inference.timing import stage
 from bundle.inference.writers import OUTPUT_FORMATS, TileOutputs
 from bundle.model.weights import load_weights
 from bundle.nuclei.watershed import WatershedParams
@@ -47,6 +48,8 @@ SUMMARY_FILE = "segment_summary.json"
 #: files of the run itself in the output folder, which no image's outputs may overwrite
 RUN_FILES = (SUMMARY_FILE,)
 DEFAULT_FORMATS = ("png", "geojson", "csv", "overlay")
+#: window outputs kept by the CPU window cache (about 330 windows of 3 x 256 x 256 float32)
+WINDOW_CACHE_BYTES = 256 * 2**20
 #: what a slide gets: nothing image-sized
 SLIDE_FORMATS = ("geojson", "csv")
 
@@ -126,6 +129,13 @@ class NucleiSegmenter:
         amp: autocast the network.
         resume: skip images whose outputs exist.
         progress: progress bars.
+        prefetch: run the next chunk's network pass on a background thread while the current chunk is
+            post-processed and written (:func:`bundle.inference.overlap.prefetch`); same outputs.
+        writer_thread: encode a tile's label map and overlay PNGs on a writer thread.
+        window_cache: predict each window once on the CPU, reusing the windows neighbouring chunks share
+            (:class:`bundle.inference.windows.WindowCache`, at most 256 MiB; the same maps).
+        onnx_runtime: run the network with ONNX Runtime on the CPU (:mod:`bundle.inference.runtime`; maps equal to
+            float rounding, not byte-identical).
         input_dir, output_dir: what :meth:`run` segments when called without arguments (MONAI's workflow
             convention: ``$@evaluator.run()``).
     """
@@ -152,6 +162,10 @@ class NucleiSegmenter:
         amp: bool = False,
         resume: bool = True,
         progress: bool = True,
+        prefetch: bool = True,
+        writer_thread: bool = True,
+        onnx_runtime: bool = False,
+        window_cache: bool = True,
         input_dir: str | os.PathLike | None = None,
         output_dir: str | os.PathLike | None = None,
     ) -> None:
@@ -174,6 +188,9 @@ class NucleiSegmenter:
         self.chunk, self.halo, self.post_chunk = int(chunk), int(halo), int(post_chunk)
         self.level, self.slide, self.amp = int(level), slide, as_flag(amp, "amp")
         self.resume, self.progress = as_flag(resume, "resume"), as_flag(progress, "progress")
+        self.prefetch, self.writer_thread = as_flag(prefetch, "prefetch"), as_flag(writer_thread, "writer_thread")
+        self.onnx_runtime = as_flag(onnx_runtime, "onnx_runtime")
+        self.window_cache = as_flag(window_cache, "window_cache")
         self._predictor: SlidingWindowPredictor | None = None
         #: the option that gives ``ckpt`` on the front end in use (the messages name it)
         self.ckpt_option = "--ckpt_path"
@@ -212,23 +229,31 @@ class NucleiSegmenter:
             if self.ckpt is not None:
                 load_weights(self.network, self.ckpt, self.device, option=self.ckpt_option)
             self.network.to(self.device)
-            self._predictor = SlidingWindowPredictor(self.network, device=self.device, amp=self.amp,
-                                                     inferer=self.inferer)
+            network = self.network
+            if self.onnx_runtime:
+                from bundle.inference.runtime import OnnxNetwork
+
+                network = OnnxNetwork(self.network.to("cpu").eval(), self.roi).to(self.device)
+            cache = WINDOW_CACHE_BYTES if self.window_cache and self.device.type == "cpu" else 0
+            self._predictor = SlidingWindowPredictor(network, device=self.device, amp=self.amp, inferer=self.inferer,
+                                                     window_cache=cache)
         return self._predictor
 
     def segment_file(self, path: Path, output_dir: Path) -> dict[str, Any]:
         """One image: a slide (one GeoJSON / CSV in level-0 pixels) or a tile of any size; returns its summary."""
         chunking = {"chunk": self.chunk, "halo": self.halo, "roi": self.roi, "post_chunk": self.post_chunk,
-                    "post_scale": self.post_scale, "input_mode": self.input_mode}
+                    "post_scale": self.post_scale, "input_mode": self.input_mode, "prefetch": self.prefetch}
         if self.is_slide(path):
             return segment_slide(path, output_dir, self.predictor(), self.reference, level=self.level,
                                  pixel_size=self.pixel_size, model_pixel_size=self.model_pixel_size,
                                  params=self.watershed, formats=self.formats_of(path), progress=self._chunk_bars,
                                  **chunking)
-        source = open_source(path)
+        with stage("read"):
+            source = open_source(path)
         stem = tile_id(path)
         pixel_size = DEFAULT_PIXEL_SIZE if self.pixel_size is None else self.pixel_size
-        sink = TileOutputs(output_dir, stem, source.shape, self.formats, threshold=self.threshold)
+        sink = TileOutputs(output_dir, stem, source.shape, self.formats, threshold=self.threshold,
+                           writer_thread=self.writer_thread)
         try:
             summary = segment_image(source, self.predictor(), sink, self.reference, pixel_size, self.model_pixel_size,
                                     self.watershed, progress=self._chunk_bars, **chunking)

@@ -14,9 +14,16 @@ import numpy as np
 
 from bundle.data.scale import MODEL_PIXEL_SIZE, scale_factor
 from bundle.inference.blocks import segment_blocks
-from bundle.inference.chunks import chunk_grid, model_size, predict_chunks, to_model_scale
+from bundle.inference.chunks import (
+    chunk_grid,
+    model_size,
+    predict_chunks,
+    to_model_scale,
+)
 from bundle.inference.colour import ImageStats, image_statistics
+from bundle.inference.overlap import prefetch as prefetch_items
 from bundle.inference.sources import RegionSource
+from bundle.inference.timing import stage
 from bundle.nuclei.watershed import WatershedParams
 
 logger = logging.getLogger(__name__)
@@ -48,6 +55,7 @@ def segment_image(
     progress: bool = False,
     post_scale: str = "model",
     input_mode: str = "gray",
+    prefetch: bool = False,
 ) -> dict[str, Any]:
     """Segment ``source`` chunk by chunk into ``sink`` (``add(NucleusBlock)``, e.g. :class:`TileOutputs`).
 
@@ -57,6 +65,8 @@ def segment_image(
     taps). ``tissue_only`` (slides): statistics from tissue and no network pass on all-glass chunks.
     ``post_scale``: where the watershed runs (:func:`segment_blocks`); ``params`` sizes are pixels of that grid.
     ``input_mode``: the network's input (:mod:`bundle.data.channels`); ``reference=None`` skips Reinhard.
+    ``prefetch``: read, normalise and predict the next chunk on a background thread while this one is
+    post-processed and written (:func:`bundle.inference.overlap.prefetch`; the same outputs, one more chunk in memory).
     Returns a summary (nuclei, chunks, blocks, truncated nuclei, label conflicts, seconds).
     """
     t0 = time.perf_counter()
@@ -73,28 +83,34 @@ def segment_image(
         post_halo = max(1, int((halo - 2) / factor))
     h, w = source.shape
     model_shape = (model_size(h, factor), model_size(w, factor))
+    getattr(predictor, "clear_cache", lambda: None)()  # windows of another image are never reused
     if stats is None:
         resize = None
         if model_shape != (h, w):  # the input moments at model scale, where training standardises
             def resize(plane: np.ndarray) -> np.ndarray:
                 return to_model_scale(plane, (0, h), (0, w), (0, model_shape[0]), (0, model_shape[1]), (h, w), model_shape)
-        stats = image_statistics(source, reference, tissue_only=tissue_only, input_mode=input_mode, resize=resize)
+        with stage("colour statistics"):
+            stats = image_statistics(source, reference, tissue_only=tissue_only, input_mode=input_mode, resize=resize)
     summary = {"nuclei": 0, "chunks": 0, "skipped_chunks": 0, "blocks": 0, "truncated": 0}
-    chunks = predict_chunks(source, predictor, stats, reference, factor, chunk, halo, roi, stride, tissue_only)
+    produced = predict_chunks(source, predictor, stats, reference, factor, chunk, halo, roi, stride, tissue_only)
+    chunks = produced = prefetch_items(produced) if prefetch else produced
     if progress:
         from tqdm import tqdm
 
         n = len(chunk_grid(h, model_shape[0], chunk, halo, roi, stride)) * len(chunk_grid(w, model_shape[1], chunk, halo, roi, stride))
         chunks = tqdm(chunks, total=n, desc=Path(source.path).name, unit="chunk")
-    for maps in chunks:
-        summary["chunks"] += 1
-        summary["skipped_chunks"] += int(maps.skipped)
-        for block in segment_blocks(maps, (h, w), model_shape, params, post_chunk, post_halo, post_scale):
-            sink.add(block)
-            summary["blocks"] += 1
-            summary["nuclei"] += block.count
-            summary["truncated"] += block.truncated
-        del maps  # free this chunk before the generator computes the next one
+    try:
+        for maps in chunks:
+            summary["chunks"] += 1
+            summary["skipped_chunks"] += int(maps.skipped)
+            for block in segment_blocks(maps, (h, w), model_shape, params, post_chunk, post_halo, post_scale):
+                sink.add(block)
+                summary["blocks"] += 1
+                summary["nuclei"] += block.count
+                summary["truncated"] += block.truncated
+            del maps  # free this chunk before the generator computes the next one
+    finally:
+        produced.close()  # stops a prefetching thread at once when the loop ends early
     if summary["truncated"]:
         logger.warning(f"{source.path}: {summary['truncated']} nuclei touch a block's halo edge and may be cut; "
                        f"raise --halo (now {halo} model px)")

@@ -40,6 +40,7 @@ from bundle.data.io import (
 from bundle.data.scale import DEFAULT_PIXEL_SIZE, MODEL_PIXEL_SIZE
 from bundle.inference.pipeline import peak_rss_mib, segment_image
 from bundle.inference.sources import ArraySource, RegionSource
+from bundle.inference.timing import stage
 from bundle.inference.writers import NucleusStream
 from bundle.nuclei.watershed import WatershedParams
 
@@ -363,7 +364,8 @@ def segment_slide(
         except BaseException:
             sink.abort()
             raise
-        paths = sink.close()
+        with stage("geojson"):
+            paths = sink.close()
     finally:
         source.close()
     summary.update(

@@ -16,7 +16,9 @@ from skimage.segmentation import find_boundaries
 from bundle.core.errors import DataError
 from bundle.core.files import atomic_write, write_png_atomic
 from bundle.inference.blocks import NucleusBlock
+from bundle.inference.overlap import Writer
 from bundle.inference.sources import RegionSource
+from bundle.inference.timing import stage
 from bundle.nuclei.exports import (
     FORMATS,
     instances_geojson,
@@ -88,23 +90,26 @@ class NucleusStream:
             return lut
         oy, ox = block.origin
         offset = (self.offset[0] + self.scale * ox, self.offset[1] + self.scale * oy)
-        table = nucleus_table(block.rgb, block.instances, block.region, block.boundary, offset, self.scale)
+        with stage("measurements"):
+            table = nucleus_table(block.rgb, block.instances, block.region, block.boundary, offset, self.scale)
         if "geojson" in self._files:
-            collection = instances_geojson(
-                block.instances, block.region, block.rgb, block.boundary, offset=offset, scale=self.scale,
-                tolerance=self.tolerance, tile_id=f"{self.stem}@{oy},{ox}", table=table,
-            )
-            f = self._files["geojson"]
-            for feature, gid in zip(collection["features"], lut[table["id"]].tolist()):
-                feature["properties"]["instance_id"] = gid
-                feature["properties"]["measurements"]["instance_id"] = gid
-                f.write(("" if self._first_feature else ",\n") + json.dumps(feature, separators=(",", ":"), allow_nan=False))
-                self._first_feature = False
+            with stage("geojson"):
+                collection = instances_geojson(
+                    block.instances, block.region, block.rgb, block.boundary, offset=offset, scale=self.scale,
+                    tolerance=self.tolerance, tile_id=f"{self.stem}@{oy},{ox}", table=table,
+                )
+                f = self._files["geojson"]
+                for feature, gid in zip(collection["features"], lut[table["id"]].tolist()):
+                    feature["properties"]["instance_id"] = gid
+                    feature["properties"]["measurements"]["instance_id"] = gid
+                    f.write(("" if self._first_feature else ",\n") + json.dumps(feature, separators=(",", ":"), allow_nan=False))
+                    self._first_feature = False
         if "csv" in self._files:
-            table["id"] = lut[table["id"]]
-            text = table_csv(table)
-            self._files["csv"].write(text if self._header else text.split("\n", 1)[1])
-            self._header = False
+            with stage("csv"):
+                table["id"] = lut[table["id"]]
+                text = table_csv(table)
+                self._files["csv"].write(text if self._header else text.split("\n", 1)[1])
+                self._header = False
         self.count += n
         return lut
 
@@ -129,6 +134,19 @@ class NucleusStream:
             if t.exists():
                 t.unlink()
         self._files = {}
+
+
+def _write_png(path: Path, image: np.ndarray) -> Path:
+    write_png_atomic(path, image)
+    return path
+
+
+def _timed(name: str, fn):
+    """``fn`` timed as stage ``name`` on whichever thread runs it."""
+    def run(*args):
+        with stage(name):
+            return fn(*args)
+    return run
 
 
 #: images with more pixels than this get their label map and overlay as tiled TIFFs written tile by tile:
@@ -156,7 +174,7 @@ class TileOutputs:
 
     def __init__(self, out_dir: str | os.PathLike, stem: str, shape: tuple[int, int],
                  formats: Sequence[str] = ("png", "geojson", "csv", "overlay"), tolerance: float = 0.0,
-                 threshold: float = 0.5) -> None:
+                 threshold: float = 0.5, writer_thread: bool = True) -> None:
         unknown = sorted(set(formats) - set(OUTPUT_FORMATS))
         if unknown:
             raise ValueError(f"unknown output format(s) {unknown}; choose from {OUTPUT_FORMATS}")
@@ -170,9 +188,15 @@ class TileOutputs:
         self.labels = np.zeros(shape, np.uint16) if need_labels else None
         self.maps = np.zeros((2, *shape), np.float32) if maps else None
         self.conflicts = 0
+        #: encode the label map and overlay PNGs on a writer thread (zlib releases the GIL) while the overlay is drawn
+        self.writer_thread = bool(writer_thread)
 
     def add(self, block: NucleusBlock) -> None:
         lut = self.stream.add(block)
+        with stage("label map"):
+            self._add_labels(block, lut)
+
+    def _add_labels(self, block: NucleusBlock, lut: np.ndarray) -> None:
         oy, ox = block.origin
         h, w = block.instances.shape
         if self.maps is not None:  # block windows overlap by their halo, where both hold the same chunk maps
@@ -194,28 +218,41 @@ class TileOutputs:
         """Write the label map and overlay, then finish the streamed files; returns ``{format: path}``."""
         paths: dict[str, Path] = {}
         if self.maps is not None:
-            paths.update(self._write_maps())
+            with stage("maps"):
+                paths.update(self._write_maps())
         if self.labels is not None:
-            small = self.labels.size <= PNG_MAX_PIXELS and self.labels.dtype == np.uint16
-            if "png" in self.formats and small:
-                paths["png"] = write_instance_map(self.out_dir / f"{self.stem}_instances.png", self.labels)
-            elif "png" in self.formats:
-                logger.info(f"{self.stem}: {self.labels.shape} px / {self.stream.count} nuclei: label map as tiled TIFF")
-            if "tiff" in self.formats or ("png" in self.formats and "png" not in paths):
+            with Writer(self.writer_thread) as writer:
+                self._write_labels(source, tile, writer, paths)
+                paths.update(writer.wait())
+        with stage("geojson"):
+            paths.update(self.stream.close())
+        return paths
+
+    def _write_labels(self, source: RegionSource, tile: int, writer: Writer, paths: dict[str, Path]) -> None:
+        """Label map (PNG, or tiled TIFF) and overlay; the PNG encodings go to ``writer`` (the label map's while the
+        overlay is drawn), the tiled TIFFs are written here, tile by tile."""
+        small = self.labels.size <= PNG_MAX_PIXELS and self.labels.dtype == np.uint16
+        if "png" in self.formats and small:
+            writer.submit("png", _timed("png", write_instance_map), self.out_dir / f"{self.stem}_instances.png",
+                          self.labels)
+        elif "png" in self.formats:
+            logger.info(f"{self.stem}: {self.labels.shape} px / {self.stream.count} nuclei: label map as tiled TIFF")
+        if "tiff" in self.formats or ("png" in self.formats and not small):
+            with stage("tiff"):
                 paths["tiff"] = _write_tiled_tiff(self.out_dir / f"{self.stem}_instances.tif", self._label_tiles(tile),
                                                   self.labels.shape, self.labels.dtype, tile)
-            if "overlay" in self.formats and self.labels.size <= PNG_MAX_PIXELS:
-                paths["overlay"] = self.out_dir / f"{self.stem}_overlay.png"
+        if "overlay" in self.formats and self.labels.size <= PNG_MAX_PIXELS:
+            with stage("overlay"):
+                path = self.out_dir / f"{self.stem}_overlay.png"
                 overlay = np.empty((*self.labels.shape, 3), np.uint8)
                 for (y, x), part in self.overlay_blocks(source, 2048):
                     overlay[y : y + part.shape[0], x : x + part.shape[1]] = part
-                write_png_atomic(paths["overlay"], overlay)
-            elif "overlay" in self.formats:
+            writer.submit("overlay", _timed("overlay png", _write_png), path, overlay)
+        elif "overlay" in self.formats:
+            with stage("overlay"):
                 tiles = (np.pad(p, ((0, tile - p.shape[0]), (0, tile - p.shape[1]), (0, 0))) for _, p in self.overlay_blocks(source, tile))
                 paths["overlay"] = _write_tiled_tiff(self.out_dir / f"{self.stem}_overlay.tif", tiles,
                                                      (*self.labels.shape, 3), np.uint8, tile)
-        paths.update(self.stream.close())
-        return paths
 
     def _write_maps(self) -> dict[str, Path]:
         images = {}

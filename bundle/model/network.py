@@ -19,11 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import DeformConv2d
 
-from bundle.model.instance import (
-    check_instance_head,
-    instance_channels,
-    instance_separation,
-)
+from bundle.model.instance import check_instance_head, instance_channels, instance_separation
 from bundle.model.sobel import SobelMagnitude
 
 __all__ = [
