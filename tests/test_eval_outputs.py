@@ -60,7 +60,6 @@ def test_probability_to_uint8_rounds_and_clips():
     np.testing.assert_array_equal(probability_to_uint8(np.array([-0.1, 0.0, 0.5, 1.0, 1.7])), [0, 0, 128, 255, 255])
 
 
-
 def test_metrics_table_writer_per_image_values(tmp_path):
     g = torch.Generator().manual_seed(0)
     batches = []

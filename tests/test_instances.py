@@ -132,7 +132,6 @@ def test_helpers_match_scikit_image_and_monai():
     assert (fill_instance_holes(ring)[4:7, 4:7] == 1).all() and not fill_instance_holes(ring)[12:15, 15:19].any()
 
 
-
 @pytest.fixture(scope="module")
 def monuseg_gt(monuseg_dir):
     ids = sorted(p.stem for p in (monuseg_dir / "labels").glob("*.png"))[:3]

@@ -38,8 +38,6 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-
-
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 

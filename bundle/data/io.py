@@ -237,8 +237,6 @@ def to_uint8(
     raise _fail(path, f"has unsupported pixel type {arr.dtype}", "Export it as 8-bit RGB PNG or TIFF")
 
 
-
-
 def to_rgb(arr: np.ndarray, path: str | os.PathLike, bits: int | None = None,
            value_range: tuple[float, float] | None = None) -> np.ndarray:
     """(H, W[, C]) stored pixels -> (H, W, 3) uint8 RGB: :func:`to_uint8`, then gray replicated, an all-opaque

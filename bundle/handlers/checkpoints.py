@@ -50,7 +50,6 @@ def log_fresh_start(engine: Engine | None) -> None:
         log.addFilter(_FreshStartFilter())
 
 
-
 class BestModelSaver:
     """Save ``network.state_dict()`` (plain, atomically) whenever the evaluator's key metric reaches a new best.
 
@@ -72,7 +71,6 @@ class BestModelSaver:
         net = self.network.module if hasattr(self.network, "module") else self.network  # unwrap DDP
         atomic_torch_save(net.state_dict(), self.save_path)
         logger.info(f"epoch {engine.state.epoch}: new best key metric {engine.state.best_metric:.4f}, saved {self.save_path}")
-
 
 
 class _ValidatorBest:

@@ -44,7 +44,6 @@ class GradientClipHandler:
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm, self.norm_type)
 
 
-
 class EarlyStopping:
     """Stop training when the evaluator's key metric has not improved for ``patience`` epochs (paper: 15).
 
@@ -68,7 +67,6 @@ class EarlyStopping:
         if engine.state.epoch - best_epoch >= self.patience:
             logger.info(f"early stopping at epoch {engine.state.epoch}: best key metric was at epoch {best_epoch}")
             engine.terminate()
-
 
 
 class LearningRateLogger:

@@ -19,7 +19,6 @@ from bundle.inference.sources import RegionSource
 logger = logging.getLogger(__name__)
 
 
-
 # ------------------------------------------------------------------------------------------------------------
 # colour: skimage's sRGB <-> CIE L*a*b* (D65, 2 deg) in float32, vectorised
 # ------------------------------------------------------------------------------------------------------------

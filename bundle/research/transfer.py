@@ -136,7 +136,7 @@ def run_transfer_row(
     organ, select the checkpoint on fold ``row + 1``, evaluate every tile once, and file the per-image rows of each
     fold under its role for this row (``train<row>_{train,val,test}<fold>.csv``) plus ``train<row>_summary.json``.
 
-    Resumable like :func:`run_fold`: skipped when every file exists, a killed training resumes from its checkpoint,
+    Resumable like :func:`bundle.research.experiments.run_fold`: skipped when every file exists, a killed training resumes from its checkpoint,
     one live process per row (lock file). The selected weights stay at ``runs_dir/<variant>/train<row>/models/model.pt``.
     ``overrides``: config files merged last (the schedule; a smaller network in a smoke test).
     """

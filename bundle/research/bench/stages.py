@@ -106,8 +106,6 @@ def build_inputs(out_dir: str | os.PathLike, data: Path | None = None) -> dict[s
     return paths
 
 
-
-
 #: what each input is run as: (folder name under the build folder, what the table calls it)
 INPUTS = {"dense": ("dense_png", "dense mm² (4000² PNG, tile outputs)"),
           "dense_slide": ("dense_tif", "dense mm² as a slide (GeoJSON + CSV)"),
