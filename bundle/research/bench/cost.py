@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from monai.networks.nets import BasicUNet, HoVerNet
 
+from bundle import bundle_root
+from bundle.inference.engine import load_segmenter
 from bundle.model.instance import INSTANCE_HEADS
 from bundle.research.bench import time_call
 
@@ -28,15 +30,11 @@ HOVERNET_OUT = 164  # MONAI HoVerNet(mode="fast"): valid convolutions crop a 256
 
 
 def inference_network(config_files: list[str], **overrides: Any) -> tuple[torch.nn.Module, int, float]:
-    from bundle.inference.engine import load_segmenter
-
     s = load_segmenter(config_files, ckpt_path=None, **overrides)
     return s.network, int(getattr(s.network, "in_channels", 1)), s.model_pixel_size
 
 
 def run(args: Any) -> list[dict]:
-    from bundle import bundle_root
-
     device = torch.device(args.device)
     batch = 1 if args.quick else 4
     config = [f"{bundle_root()}/configs/inference.json"]

@@ -44,10 +44,36 @@ import torch
 from torch import nn
 
 from bundle import bundle_root
+from bundle.core.files import write_png_atomic, write_text_atomic
+from bundle.data.io import read_image, read_label
+from bundle.data.scale import ToModelScaled
+from bundle.data.transforms import Grayscale, ReinhardNormalize
+from bundle.inference.blocks import segment_blocks
+from bundle.inference.chunks import (
+    ChunkMaps,
+    SlidingWindowPredictor,
+    chunk_grid,
+    model_size,
+    to_model_scale,
+)
+from bundle.inference.colour import image_statistics, reinhard_gray
+from bundle.inference.engine import load_segmenter
+from bundle.inference.sources import ArraySource
+from bundle.model.contract import value
+from bundle.model.network import DSHFN
+from bundle.nuclei.exports import (
+    instance_overlay,
+    instances_geojson,
+    nucleus_table,
+    table_csv,
+    write_instance_map,
+)
+from bundle.nuclei.watershed import WatershedParams
 from bundle.research.bench import sync, time_call
+from bundle.research.tuning import scaled_grid
 
 ROOT = Path(bundle_root())
-REFERENCE = {"means": [77.6176, 9.9965, -7.2698], "stds": [8.7684, 5.1499, 5.154]}
+REFERENCE = value("reinhard_reference")  # the shipped weights' (configs/model.json)
 
 
 class IntensityNet(nn.Module):
@@ -84,10 +110,6 @@ def _synthetic_tile(path: Path, size: int = 1000) -> tuple[Path, np.ndarray]:
 
 def _config_watershed(post_scale: str, factor: float):
     """``configs/inference.json``'s watershed parameters, scaled to native-size maps for ``post_scale="native"``."""
-    from bundle.inference.engine import load_segmenter
-    from bundle.nuclei.watershed import WatershedParams
-    from bundle.research.tuning import scaled_grid
-
     params = load_segmenter(str(ROOT / "configs" / "inference.json"), ckpt_path=None).watershed
     if post_scale == "native":
         values = params.to_dict()
@@ -99,29 +121,6 @@ def _config_watershed(post_scale: str, factor: float):
 
 def run(args: Any) -> list[dict]:
     from skimage.segmentation import find_boundaries
-
-    from bundle.core.files import write_png_atomic, write_text_atomic
-    from bundle.data.io import read_image, read_label
-    from bundle.data.scale import ToModelScaled
-    from bundle.data.transforms import Grayscale, ReinhardNormalize
-    from bundle.inference.blocks import segment_blocks
-    from bundle.inference.chunks import (
-        ChunkMaps,
-        SlidingWindowPredictor,
-        chunk_grid,
-        model_size,
-        to_model_scale,
-    )
-    from bundle.inference.colour import image_statistics, reinhard_gray
-    from bundle.inference.sources import ArraySource
-    from bundle.model.network import DSHFN
-    from bundle.nuclei.exports import (
-        instance_overlay,
-        instances_geojson,
-        nucleus_table,
-        table_csv,
-        write_instance_map,
-    )
 
     device = torch.device(getattr(args, "device", "cpu"))
     repeat = max(1, int(getattr(args, "repeat", 3)))
@@ -204,8 +203,6 @@ def make_big_tiff(path: Path, size: int) -> Path:
     """A size x size tiled RGB TIFF (zlib, 512 px tiles) mosaicked from one MoNuSeg tile (or synthetic disks),
     written tile row by tile row so that building it needs no image-sized array."""
     import tifffile
-
-    from bundle.data.io import read_image
 
     found = _monuseg_tile()
     src = read_image(found[0]) if found else read_image(_synthetic_tile(path.with_suffix(".src.png"))[0])

@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from bundle import bundle_root
+from bundle.inference.engine import load_segmenter
 
 
 def compare(tiles: str, out: str, threads: int | None = None) -> dict:
     import nibabel as nib
     import torch
-
-    from bundle.inference.engine import load_segmenter
 
     if threads:
         torch.set_num_threads(threads)
