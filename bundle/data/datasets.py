@@ -28,7 +28,7 @@ from typing import Any
 from bundle.core.errors import DataError
 from bundle.core.files import write_text_atomic
 from bundle.data.io import image_size
-from bundle.data.layout import make_splits, meta_hash, validate_dataset
+from bundle.data.layout import ensure_dataset, make_splits, meta_hash, validate_dataset
 from bundle.data.scale import check_pixel_size
 
 __all__ = ["SPLIT_KIND", "resolve_datasets", "make_recipe_split", "load_or_create_recipe_split", "datasets_datalist",
@@ -59,8 +59,6 @@ def resolve_datasets(
     """The datasets a run trains on: ``{folder name: {"dir": dataset_dir, "pixel_size": pixel_size}}`` when
     ``dataset_dir`` is given (one dataset of your own), else ``datasets`` with every folder checked. ``download``
     fetches TNBC (:func:`bundle.data.layout.ensure_dataset`) into a missing ``dataset_dir`` or a missing ``"tnbc"`` entry."""
-    from bundle.data.layout import ensure_dataset
-
     if dataset_dir:
         # named as the option the user types: the dataset's entry would be named after its folder
         pixel_size = check_pixel_size(pixel_size, "--pixel_size")

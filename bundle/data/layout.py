@@ -34,6 +34,7 @@ import numpy as np
 from bundle.core.errors import DataError
 from bundle.core.files import write_text_atomic
 from bundle.data.io import IMAGE_SUFFIXES, image_size, read_label
+from bundle.data.prepare import convert_tnbc
 
 __all__ = [
     "TNBC_URL",
@@ -522,8 +523,6 @@ def ensure_dataset(
             f"{dataset_dir}: dataset folder is missing or empty and download is off. Pass an existing dataset "
             "folder, or --download true to fetch the TNBC release into it"
         )
-    from bundle.data.prepare import convert_tnbc
-
     cache = Path(cache_dir) if cache_dir is not None else dataset_dir.parent / f"{dataset_dir.name}_download"
     archive = cache / Path(url.split("?")[0]).name
     extract_dir = cache / "extracted"
