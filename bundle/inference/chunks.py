@@ -342,7 +342,7 @@ def network_input(
             scaled = np.stack([to_model_scale(np.ascontiguousarray(norm[..., c]), gy.native_read, gx.native_read,
                                               gy.net, gx.net, native_shape, model_shape) for c in range(3)], axis=-1)
             planes = np.moveaxis(rgb_to_input(scaled, stats.input_mode), -1, 0)
-    with stage("resample"):
+    with stage("resample"):  # the standardisation, counted with the resampling it follows
         mean = np.asarray(stats.input_mean, np.float32)[:, None, None]
         std = np.maximum(np.asarray(stats.input_std, np.float32), 1e-8)[:, None, None]
         return np.ascontiguousarray((planes - mean) / std, dtype=np.float32)

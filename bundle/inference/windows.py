@@ -95,8 +95,8 @@ class WindowCache:
             if where is None or self._keep is None or self._keep(*where[i]):
                 self._put(keys[i], fresh[i], None if where is None else where[i])
         for i, k in enumerate(keys):
-            if i not in fresh:
-                self._store.move_to_end(k, last=True) if k in self._store else None
+            if i not in fresh and k in self._store:  # recently used: dropped last
+                self._store.move_to_end(k)
         if out is not None:
             return out
         return torch.stack([fresh[i] if i in fresh else cached[i] for i in range(len(keys))])

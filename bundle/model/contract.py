@@ -37,11 +37,15 @@ def contract_path() -> Path:
     return Path(bundle_root()) / "configs" / "model.json"
 
 
-def read_contract(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The contract as plain data (``_comment`` dropped), ``network_def`` unresolved: what tests and benchmarks read."""
+def _parser(path: str | os.PathLike | None) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(path or contract_path()))
-    return {k: copy.deepcopy(v) for k, v in parser.get().items() if not k.startswith("_")}
+    return parser
+
+
+def read_contract(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The contract as plain data (``_comment`` dropped), ``network_def`` unresolved: what tests and benchmarks read."""
+    return {k: copy.deepcopy(v) for k, v in _parser(path).get().items() if not k.startswith("_")}
 
 
 def value(key: str, path: str | os.PathLike | None = None, **overrides: Any) -> Any:
@@ -66,8 +70,7 @@ def network(path: str | os.PathLike | None = None, **ids: Any) -> torch.nn.Modul
     """A new network from the contract's ``network_def``. ``ids`` that are contract ids (``input_mode``,
     ``features``, ``upsample``, ``instance_head``: the values of the calling config) replace the contract's; any
     other name is an argument of ``network_def`` itself (``streams="global"``, ``boundary_decoder=False``)."""
-    parser = ConfigParser()
-    parser.read_config(str(path or contract_path()))
+    parser = _parser(path)
     for key, val in ids.items():
         parser[key if key in CONTRACT_IDS else f"network_def#{key}"] = val
     return parser.get_parsed_content("network_def", instantiate=True)
